@@ -1,0 +1,3 @@
+from fltac.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Client side: local training of adapters. No engine, no strategy."""

@@ -1,0 +1,295 @@
+"""Typed, validated run configuration: one place that says what a run may be asked to do.
+
+A run is described by a YAML file (see ``configs/``) whose sections mirror the dataclasses below,
+then by named command-line flags and ``--override section.key=value`` (a bare key works when only
+one section has it). Everything is checked here, before any data or model is touched: an unknown
+key, a value of the wrong type or out of range raises :class:`ConfigError` naming the key.
+
+No torch, no data, no engine: this module only describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+METHODS = ("fltac", "fedit", "centralized")
+#: Rank each method uses when ``lora.rank`` is left unset: the FL-TAC paper's settings
+#: (FL-TAC and its centralized upper bound at 4, FedIT's single shared adapter at 16).
+DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted name of the key at fault in the message."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora).", "text5")
+    tasks: Optional[list[str]] = _help("Subset of the scenario's tasks, in this order; null = all.", None)
+    max_length: int = _help("Tokens kept per text (longer texts are truncated).", 64)
+    split_seed: int = _help("Seed of the stratified 80/20 split for corpora without an official test split.", 0)
+    test_fraction: float = _help("Held-out fraction for corpora without an official test split.", 0.2)
+    max_train_per_task: Optional[int] = _help("Cap on training examples per task (seeded sample); null = all.", None)
+
+    def __post_init__(self):
+        _check(self.max_length >= 8, "data.max_length", "must be at least 8")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must lie in (0, 1)")
+        _check(self.max_train_per_task is None or self.max_train_per_task > 0, "data.max_train_per_task", "must be positive")
+        _check(self.tasks is None or len(self.tasks) > 0, "data.tasks", "must name at least one task, or be null")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    n_clients: int = _help("Number of simulated clients.", 10)
+    alpha: float = _help("Dirichlet concentration per task over clients (smaller = more skewed).", 0.5)
+    min_frac: float = _help("Client shares below this are set to zero (that client gets no sample of the task).", 0.01)
+
+    def __post_init__(self):
+        _check(self.n_clients >= 1, "partition.n_clients", "must be at least 1")
+        _check(self.alpha > 0, "partition.alpha", "must be positive")
+        _check(0.0 <= self.min_frac < 1.0 / self.n_clients, "partition.min_frac",
+               f"must lie in [0, 1/n_clients) = [0, {1.0 / self.n_clients:.3g}) so that some client keeps each task")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: Optional[int] = _help("LoRA rank r; null = the method's paper default (fltac 4, fedit 16, centralized 4).", None)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", 16.0)
+    dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    target_modules: list[str] = _help("Backbone module names that receive LoRA (peft's target_modules).",
+                                      factory=lambda: ["query", "value"])
+
+    def __post_init__(self):
+        _check(self.rank is None or self.rank >= 1, "lora.rank", "must be at least 1")
+        _check(self.alpha > 0, "lora.alpha", "must be positive")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = _help("Communication rounds.", 4)
+    local_steps: int = _help("Optimizer steps per (client, task) adapter per round.", 4)
+    batch_size: int = _help("Examples per local step.", 16)
+    lr: float = _help("AdamW learning rate for LoRA matrices and the classification head.", 3e-3)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    fraction_fit: float = _help("Fraction of clients sampled each round (seeded); 1.0 = full participation.", 1.0)
+
+    def __post_init__(self):
+        for name in ("rounds", "local_steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+        _check(0.0 < self.fraction_fit <= 1.0, "train.fraction_fit", "must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    n_clusters: Optional[int] = _help("K for FL-TAC's K-means; null = the number of tasks.", None)
+    cluster_features: Literal["lora", "lora_and_head"] = _help(
+        "What K-means sees. 'lora' (default): the LoRA matrices only; the head's moved rows would give the task away.",
+        "lora")
+    cluster_on: Literal["weights", "update"] = _help(
+        "Cluster the submitted adapter weights (the paper) or their change since the adapter the client was sent.",
+        "weights")
+    kmeans_n_init: int = _help("K-means restarts (the best inertia wins).", 10)
+
+    def __post_init__(self):
+        _check(self.n_clusters is None or self.n_clusters >= 1, "server.n_clusters", "must be at least 1")
+        _check(self.kmeans_n_init >= 1, "server.kmeans_n_init", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_every: int = _help("Evaluate every this many rounds (the last round is always evaluated).", 1)
+    eval_size: int = _help("Test examples per task: a fixed seeded sample of the test split (never the first N).", 300)
+    batch_size: int = _help("Examples per evaluation forward pass.", 128)
+
+    def __post_init__(self):
+        _check(self.eval_every >= 1, "eval.eval_every", "must be at least 1")
+        _check(self.eval_size >= 1, "eval.eval_size", "must be at least 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: Literal["fltac", "fedit", "centralized"] = _help(
+        "fltac: one adapter per (client, task), K-means + FedAvg per cluster. fedit: one shared adapter per client, "
+        "FedAvg. centralized: pooled data, one adapter per task (upper bound).", "fltac")
+    model_name: str = _help("'minilm' (the packaged MiniLM-L6), a hub id, or a local folder.", "minilm")
+    seed: int = _help("Seeds the partition (seed + task index), initial adapter, local batches, K-means, eval sample.", 42)
+    dtype: Literal["auto", "float32", "bfloat16"] = _help(
+        "Backbone dtype. auto: bfloat16 where the hardware reports native bf16 units (CUDA bf16, AMX or AVX512-BF16), "
+        "else float32. Adapters and head always train in float32.", "auto")
+    attn_implementation: Literal["auto", "eager", "sdpa"] = _help(
+        "Attention kernel. auto: eager for a bf16 backbone on CPU (measured faster), sdpa otherwise.", "auto")
+    num_threads: Optional[int] = _help("torch CPU threads; null = torch's default (the physical cores).", None)
+    output_dir: str = _help("Where metrics, adapters, checkpoints and the summary go.", "results/run")
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank this run uses: ``lora.rank``, or the method's default."""
+        return self.lora.rank if self.lora.rank is not None else DEFAULT_RANK[self.method]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+#: Named command-line flags and the dotted key each sets.
+FLAG_KEYS = {
+    "method": "method", "model_name": "model_name", "seed": "seed", "dtype": "dtype", "output_dir": "output_dir",
+    "scenario": "data.scenario", "max_length": "data.max_length",
+    "n_clients": "partition.n_clients", "alpha": "partition.alpha", "min_frac": "partition.min_frac",
+    "lora_rank": "lora.rank", "rounds": "train.rounds", "local_steps": "train.local_steps",
+    "batch_size": "train.batch_size", "lr": "train.lr", "fraction_fit": "train.fraction_fit",
+    "n_clusters": "server.n_clusters", "cluster_features": "server.cluster_features",
+    "eval_every": "eval.eval_every", "eval_size": "eval.eval_size",
+}
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` (a dataclass field annotation), or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def build(cls: type, mapping: dict, prefix: str = "") -> Any:
+    """Construct dataclass ``cls`` from a nested mapping, rejecting unknown keys by their dotted name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _leaf_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        out.extend(_leaf_keys(tp, dotted + ".") if dataclasses.is_dataclass(tp) else [dotted])
+    return out
+
+
+def resolve_key(key: str) -> str:
+    """Return the dotted path of ``key``: itself if dotted and known, or the unique leaf with that name."""
+    leaves = _leaf_keys()
+    if key in leaves:
+        return key
+    matches = [k for k in leaves if k.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"config key '{key}' is ambiguous: write one of {matches}")
+    raise ConfigError(f"unknown config key '{key}'")
+
+
+def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = mapping
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config section '{p}' must be a mapping")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value")
+    key, raw = text.split("=", 1)
+    return resolve_key(key.strip()), yaml.safe_load(raw)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The validated RunConfig from a YAML file plus ``{dotted key: value}`` overrides."""
+    data = load_yaml(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, resolve_key(dotted), value)
+    return build(RunConfig, data)
+
+
+def from_dict(data: dict) -> RunConfig:
+    return build(RunConfig, data)

@@ -1,0 +1,40 @@
+"""Data: tasks and their label space, the Dirichlet partition over clients, tokenised batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fltac.config import ConfigError, DataConfig
+from fltac.data.tasks import LabelSpace, Task
+from fltac.data.text5 import TEXT5
+
+#: Scenario name -> {task name -> loader(test_fraction, split_seed)}, in the scenario's stable task order.
+SCENARIOS = {"text5": TEXT5}
+
+
+def load_tasks(cfg: DataConfig) -> list[Task]:
+    """The scenario's tasks, in config order (which fixes label offsets and partition seeds)."""
+    if cfg.scenario not in SCENARIOS:
+        raise ConfigError(f"config key 'data.scenario': unknown scenario '{cfg.scenario}' (known: {sorted(SCENARIOS)})")
+    loaders = SCENARIOS[cfg.scenario]
+    names = cfg.tasks or list(loaders)
+    unknown = [n for n in names if n not in loaders]
+    if unknown:
+        raise ConfigError(f"config key 'data.tasks': unknown task(s) {unknown} in scenario '{cfg.scenario}' "
+                          f"(known: {list(loaders)})")
+    tasks = [loaders[n](cfg.test_fraction, cfg.split_seed) for n in names]
+    if cfg.max_train_per_task:
+        tasks = [cap_train(t, cfg.max_train_per_task, cfg.split_seed) for t in tasks]
+    return tasks
+
+
+def cap_train(task: Task, limit: int, seed: int) -> Task:
+    """``task`` with at most ``limit`` training examples, a seeded sample (order kept)."""
+    if len(task.train_texts) <= limit:
+        return task
+    keep = np.sort(np.random.default_rng(seed).choice(len(task.train_texts), size=limit, replace=False))
+    return Task(task.name, task.labels, [task.train_texts[i] for i in keep], task.train_labels[keep],
+                task.test_texts, task.test_labels)
+
+
+__all__ = ["LabelSpace", "Task", "load_tasks", "cap_train", "SCENARIOS"]

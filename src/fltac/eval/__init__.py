@@ -1,0 +1,1 @@
+"""Evaluation: per-task accuracy of an adapter on a fixed seeded test sample."""

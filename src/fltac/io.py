@@ -1,0 +1,99 @@
+"""Files a run writes: safetensors for tensors, JSON for everything else, never pickle.
+
+Every write is atomic (temporary file in the same folder, fsync, rename), so a process killed at any
+instant leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+class AdapterFileError(ValueError):
+    """An adapter or checkpoint file that cannot be used, with the file and the reason in the message."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (contiguous CPU copies) as one safetensors file, atomically."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, st_save(flat, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or malformed file is a one-line AdapterFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Append records, one JSON object per line, and flush them to disk."""
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    if not lines:
+        return
+    with open(path, "a") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_jsonl(path: str | Path, keep: int) -> None:
+    """Keep the first ``keep`` records of a jsonl file (used when resuming), atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()][:keep]
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())

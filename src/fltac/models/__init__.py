@@ -1,0 +1,1 @@
+"""Models: the pretrained backbone (loaded once, frozen) and the LoRA adapters swapped on it."""

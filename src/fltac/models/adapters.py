@@ -1,0 +1,114 @@
+"""One frozen backbone, one LoRA slot; every client's adapter is a dict of tensors swapped into it.
+
+LoRA is injected with peft (``LoraConfig(task_type="SEQ_CLS")``), so the classification head trains
+through peft's ``modules_to_save`` exactly as a peft user's would, and exported adapters load with
+``PeftModel.from_pretrained``. An *adapter state* is ``{key: float32 CPU tensor}`` with peft's saved
+key names minus the ``base_model.model.`` prefix, e.g. ``bert.encoder.layer.0.attention.self.query.lora_A.weight``
+and ``classifier.weight``. The backbone may run in bf16; LoRA matrices and the head are float32
+masters (their inputs are cast up), so optimizer updates never round to bf16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from fltac.config import LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+HEAD_PREFIX = "classifier."
+
+
+class AdapterMismatch(ValueError):
+    """An adapter state whose keys or shapes do not fit this model."""
+
+
+def canonical_key(peft_name: str) -> str:
+    """peft's parameter name -> the adapter-state key (no wrapper prefix, no adapter name)."""
+    name = peft_name.removeprefix(PEFT_PREFIX)
+    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+
+def is_lora_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def _cast_input_to(dtype: torch.dtype):
+    def hook(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    return hook
+
+
+class AdapterModel:
+    """A peft-wrapped backbone whose trainable tensors (LoRA + head) are loaded and read as adapter states."""
+
+    def __init__(self, base_model, lora: LoraConfig, rank: int, device: torch.device):
+        config = PeftLoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                target_modules=list(lora.target_modules))
+        try:
+            self.model = get_peft_model(base_model, config).to(device)
+        except ValueError as exc:
+            raise AdapterMismatch(f"config key 'lora.target_modules' {list(lora.target_modules)} does not fit this "
+                                  f"backbone: {exc}") from None
+        self.device = device
+        self.rank = rank
+        self.peft_config = config
+        head = self.model.base_model.model.classifier
+        head.float()
+        head.register_forward_pre_hook(_cast_input_to(torch.float32))
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                self.params[canonical_key(name)] = p
+        self.lora_keys = [k for k in self.params if is_lora_key(k)]
+        self.head_keys = [k for k in self.params if k.startswith(HEAD_PREFIX)]
+        extra = set(self.params) - set(self.lora_keys) - set(self.head_keys)
+        if extra or not self.lora_keys or not self.head_keys:
+            raise AdapterMismatch(f"unexpected trainable set: lora {len(self.lora_keys)}, head {self.head_keys}, "
+                                  f"other {sorted(extra)}")
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self.params.items()}
+
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A float32 CPU copy of the adapter now in the model."""
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the model's adapter slot; keys and shapes must match exactly."""
+        check_state(state, self.shapes)
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state[k])
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        return out.logits.float()
+
+
+def check_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise AdapterMismatch(f"adapter keys differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                              f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k, shape in shapes.items():
+        if tuple(state[k].shape) != shape:
+            raise AdapterMismatch(f"adapter tensor '{k}' has shape {tuple(state[k].shape)}, expected {shape}")
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of an adapter on the wire (its tensors as stored)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:
+    """The tensors under ``keys`` (in that order) as one float64 vector."""
+    return torch.cat([state[k].reshape(-1).double() for k in keys]).numpy()

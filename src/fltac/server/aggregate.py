@@ -1,0 +1,63 @@
+"""Aggregation maths as small pure functions on adapter states (``{key: tensor}``) and weights.
+
+A and B are averaged separately, entry by entry (FedAvg of the LoRA factors, as FL-TAC and FedIT do),
+not as the product BA: the mean of products is not the product of means, and the factors are what
+clients train and send.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+State = dict[str, torch.Tensor]
+
+
+def weighted_mean(states: list[State], weights: list[float]) -> State:
+    """sum_i w_i s_i / sum_i w_i, key by key, in float64 then cast back to each tensor's dtype."""
+    if not states:
+        raise ValueError("weighted_mean of no states")
+    w = torch.tensor(weights, dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    w = w / w.sum()
+    return {k: sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
+
+
+def subtract(a: State, b: State) -> State:
+    return {k: a[k] - b[k] for k in a}
+
+
+def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
+    """K-means cluster id of each row of ``features`` (k capped at the number of rows)."""
+    k = min(k, len(features))
+    if k == 1:
+        return np.zeros(len(features), dtype=np.int64)
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(features).astype(np.int64)
+
+
+def match_to_previous(new_centers: np.ndarray, old_centers: np.ndarray) -> np.ndarray:
+    """Slot id for each new cluster: a one-to-one matching minimising the total squared distance
+    between new cluster centres and the previous round's slot adapters (Hungarian algorithm), so a
+    task keeps its slot id across rounds."""
+    cost = ((new_centers[:, None, :] - old_centers[None, :, :]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    out = np.empty(len(new_centers), dtype=np.int64)
+    out[rows] = cols
+    return out
+
+
+def clustering_scores(true: list[int], pred: list[int]) -> dict[str, float]:
+    """Clustering accuracy under the best one-to-one matching of clusters to tasks (Hungarian), ARI and NMI."""
+    true_a, pred_a = np.asarray(true), np.asarray(pred)
+    tasks, clusters = np.unique(true_a), np.unique(pred_a)
+    counts = np.array([[np.sum((true_a == t) & (pred_a == c)) for c in clusters] for t in tasks])
+    rows, cols = linear_sum_assignment(-counts)
+    return {
+        "clustering_accuracy": float(counts[rows, cols].sum() / len(true_a)),
+        "ari": float(adjusted_rand_score(true_a, pred_a)),
+        "nmi": float(normalized_mutual_info_score(true_a, pred_a)),
+    }

@@ -1,0 +1,165 @@
+"""Server strategies: what each client starts from (``start_state``) and how submissions are merged (``aggregate``).
+
+A strategy holds *slots*, the global adapters it serves, and the slot each (client, key) was last
+assigned. Engines call ``start_state`` for every job before a round and ``aggregate`` once after it;
+they never look inside. State learned across rounds ends in ``_`` and round-trips through
+``state_dict`` / ``load_state_dict`` (tensors + JSON) so a run can resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fltac.config import RunConfig
+from fltac.models.adapters import flatten
+from fltac.server.aggregate import State, kmeans_labels, match_to_previous, subtract, weighted_mean
+
+
+@dataclass
+class Submission:
+    """What a client sends for one adapter: no task label, only its own key and sample count."""
+
+    client: int
+    key: str
+    state: State
+    num_examples: int
+    start: State  # the adapter the client was sent (kept server-side; not sent back)
+
+
+class Strategy:
+    """Base: slots of global adapters, each job starting from the slot it was last assigned."""
+
+    name = "base"
+
+    def __init__(self, initial: State, n_slots: int):
+        self.initial = initial
+        self.n_slots = n_slots
+        self.slots_: list[State] = [initial] * n_slots
+        self.assignment_: dict[tuple[int, str], int] = {}
+
+    def start_state(self, client: int, key: str) -> State:
+        """The adapter sent to ``client`` for its adapter ``key``: its last slot, or the initial adapter."""
+        slot = self.assignment_.get((client, key))
+        return self.initial if slot is None else self.slots_[slot]
+
+    def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
+        """Merge ``subs`` into the slots; return the slot each submission was assigned."""
+        raise NotImplementedError
+
+    def _merge(self, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
+        """Sample-weighted FedAvg inside each slot; a slot that got no submission keeps its adapter."""
+        slots = list(self.slots_)
+        for s in sorted(set(slot_of)):
+            members = [sub for sub, c in zip(subs, slot_of) if c == s]
+            slots[s] = weighted_mean([m.state for m in members], [m.num_examples for m in members])
+        self.slots_ = slots
+        assigned = {(sub.client, sub.key): int(c) for sub, c in zip(subs, slot_of)}
+        self.assignment_.update(assigned)
+        return assigned
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"slot{i}/{k}": v for i, slot in enumerate(self.slots_) for k, v in slot.items()}
+        meta = {"assignment": [[c, k, s] for (c, k), s in sorted(self.assignment_.items())]}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.slots_ = [{k: tensors[f"slot{i}/{k}"] for k in self.initial} for i in range(self.n_slots)]
+        self.assignment_ = {(int(c), str(k)): int(s) for c, k, s in meta["assignment"]}
+
+
+class FedAvg(Strategy):
+    """FedIT (Zhang et al., arXiv 2305.05644): one shared adapter, sample-weighted FedAvg of all submissions."""
+
+    name = "fedit"
+
+    def __init__(self, initial: State):
+        super().__init__(initial, 1)
+
+    def aggregate(self, round_, subs):
+        return self._merge(subs, [0] * len(subs))
+
+
+class Centralized(Strategy):
+    """Upper bound, not federated: one pooled client whose job key ``a<t>`` is task ``t``'s slot."""
+
+    name = "centralized"
+
+    def aggregate(self, round_, subs):
+        return self._merge(subs, [int(s.key[1:]) for s in subs])
+
+
+class FLTAC(Strategy):
+    """FL-TAC (Ping et al., arXiv 2404.15384): K-means on the submitted adapters, FedAvg inside each cluster.
+
+    Parameters
+    ----------
+    initial : State
+        The adapter every job starts from before it has a cluster.
+    n_clusters : int
+        K, by default the number of tasks. The server is never told any task.
+    feature_keys : list[str]
+        Tensors K-means sees: the LoRA matrices only by default (``server.cluster_features: lora``),
+        since which head rows moved would give the task away; the head is averaged all the same.
+    cluster_on : {'weights', 'update'}
+        Cluster the submitted weights (the paper) or their change since the adapter the client was sent.
+    seed, n_init : int
+        K-means uses ``random_state = seed + round`` and ``n_init`` restarts.
+
+    Cluster ids are matched to the previous round's slots (Hungarian between the clusters' mean
+    submitted weights and the slots' weights, see
+    :func:`match_to_previous`), so a task keeps its slot. If fewer than K clusters form (fewer
+    submissions than K), or a slot is matched by no cluster, that slot keeps its previous adapter.
+    Each (client, key) starts the next round from the slot its submission was assigned; a job that
+    missed a round keeps its last assignment, and one never seen starts from the initial adapter.
+    """
+
+    name = "fltac"
+
+    def __init__(self, initial: State, n_clusters: int, feature_keys: list[str], cluster_on: str, seed: int,
+                 n_init: int = 10):
+        super().__init__(initial, n_clusters)
+        self.feature_keys = feature_keys
+        self.cluster_on = cluster_on
+        self.seed = seed
+        self.n_init = n_init
+        self.fitted_ = False
+
+    def features(self, subs: list[Submission]) -> np.ndarray:
+        if self.cluster_on == "update":
+            return np.stack([flatten(subtract(s.state, s.start), self.feature_keys) for s in subs])
+        return np.stack([flatten(s.state, self.feature_keys) for s in subs])
+
+    def aggregate(self, round_, subs):
+        feats = self.features(subs)
+        labels = kmeans_labels(feats, self.n_slots, self.seed + round_, self.n_init)
+        found = np.unique(labels)
+        if self.fitted_:
+            weights = np.stack([flatten(s.state, self.feature_keys) for s in subs])
+            centers = np.stack([weights[labels == c].mean(0) for c in found])
+            previous = np.stack([flatten(s, self.feature_keys) for s in self.slots_])
+            slot_of_cluster = dict(zip(found, match_to_previous(centers, previous)))
+        else:
+            slot_of_cluster = {c: i for i, c in enumerate(found)}
+        self.fitted_ = True
+        return self._merge(subs, [int(slot_of_cluster[c]) for c in labels])
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        return tensors, {**meta, "fitted": self.fitted_}
+
+    def load_state_dict(self, tensors, meta):
+        super().load_state_dict(tensors, meta)
+        self.fitted_ = bool(meta["fitted"])
+
+
+def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Strategy:
+    if cfg.method == "fedit":
+        return FedAvg(initial)
+    if cfg.method == "centralized":
+        return Centralized(initial, n_tasks)
+    keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
+    return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
+                 cfg.server.kmeans_n_init)
