@@ -104,8 +104,13 @@ class ServerConfig:
         "What K-means sees. 'lora' (default): the LoRA matrices only; the head's moved rows would give the task away.",
         "lora")
     cluster_on: Literal["weights", "update"] = _help(
-        "Cluster the submitted adapter weights (the paper) or their change since the adapter the client was sent.",
-        "weights")
+        "Cluster the submitted adapter weights (the paper's literal reading) or their change since the adapter the "
+        "client was sent (default: re-decided from fresh evidence every round, so a round-1 mistake can heal; "
+        "weights-clustering is self-reinforcing, since each job restarts from its cluster's adapter).", "update")
+    cluster_normalize: bool = _help(
+        "Scale each feature vector to unit length before K-means (spherical K-means). Adam moves clients with "
+        "small, repetitive data further, and raw Euclidean K-means then splits tasks by update size; measured on "
+        "text5 round 1: 0.69 raw vs 0.97 normalised clustering accuracy.", True)
     kmeans_n_init: int = _help("K-means restarts (the best inertia wins).", 10)
 
     def __post_init__(self):
@@ -137,6 +142,10 @@ class RunConfig:
         "else float32. Adapters and head always train in float32.", "auto")
     attn_implementation: Literal["auto", "eager", "sdpa"] = _help(
         "Attention kernel. auto: eager for a bf16 backbone on CPU (measured faster), sdpa otherwise.", "auto")
+    backbone_dropout: Optional[float] = _help(
+        "Dropout inside the frozen backbone (attention, hidden, before the head). 0 by default: the backbone is "
+        "frozen, LoRA has its own dropout, and on CPU the pretrained 0.1 costs about 40% of a step. null keeps the "
+        "pretrained values.", 0.0)
     num_threads: Optional[int] = _help("torch CPU threads; null = torch's default (the physical cores).", None)
     output_dir: str = _help("Where metrics, adapters, checkpoints and the summary go.", "results/run")
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +156,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        _check(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0, "backbone_dropout",
+               "must lie in [0, 1) or be null")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
 
     @property

@@ -57,7 +57,7 @@ def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experim
     device = default_device()
     dtype, dtype_note = choose_dtype(cfg.dtype, device)
     attn = choose_attention(cfg.attn_implementation, dtype, device)
-    base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed)
+    base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed, cfg.backbone_dropout)
     torch.manual_seed(cfg.seed)
     model = AdapterModel(base, cfg.lora, cfg.rank, device)
     initial = model.state()

@@ -55,10 +55,14 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (contiguous CPU copies) as one safetensors file, atomically."""
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` (contiguous CPU copies) as one safetensors file, atomically.
+
+    No ``__metadata__``: safetensors 0.8 writes its entries in arbitrary order, and the same tensors
+    must give the same bytes (the resume contract compares files byte for byte).
+    """
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(flat, metadata=metadata))
+    atomic_write_bytes(path, st_save(flat))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

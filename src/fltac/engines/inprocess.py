@@ -12,6 +12,7 @@ rounds, so ``--resume`` after a kill at any instant reproduces the uninterrupted
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from fltac.server.strategies import Submission
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
 CHECKPOINT = "checkpoint"
+#: What a run writes into output_dir; all of it is removed by --overwrite, nothing else is.
+RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json")
 #: Config keys that may differ between a run and its resume: they do not change any result.
 RESUME_FREE_KEYS = {"output_dir"}
 
@@ -105,8 +108,12 @@ class InProcessEngine:
             raise RunError(f"output_dir {self.out} already holds a run: pass --resume to continue it, "
                            f"--overwrite to replace it, or choose another --output_dir")
         self.out.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS, CLUSTERS):
-            (self.out / name).unlink(missing_ok=True)
+        for name in RUN_FILES:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         return None
 
     # ---- the run ----------------------------------------------------------------------------------
@@ -153,8 +160,7 @@ class InProcessEngine:
             counters["train_tokens"] += round_info["train_tokens"]
             counters["wall_seconds"] += seconds + (setup_seconds if r == start_round else 0.0)
             tensors, _ = exp.strategy.state_dict()
-            io.save_tensors(self.out / "adapters" / f"round_{r}.safetensors", tensors,
-                            metadata={"method": cfg.method, "round": str(r)})
+            io.save_tensors(self.out / "adapters" / f"round_{r}.safetensors", tensors)
             self._save_checkpoint(exp, r, counters)
             self.log(self.round_line(r, round_info, clusters, counters["last_eval"]))
         summary = self.summary(exp, counters)

@@ -10,6 +10,8 @@ masters (their inputs are cast up), so optimizer updates never round to bf16.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -48,7 +50,9 @@ class AdapterModel:
         config = PeftLoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 target_modules=list(lora.target_modules))
         try:
-            self.model = get_peft_model(base_model, config).to(device)
+            with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.model = get_peft_model(base_model, config).to(device)
         except ValueError as exc:
             raise AdapterMismatch(f"config key 'lora.target_modules' {list(lora.target_modules)} does not fit this "
                                   f"backbone: {exc}") from None

@@ -66,19 +66,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_backbone(model_name: str, n_outputs: int, dtype: torch.dtype, attn_implementation: str, seed: int):
-    """(sequence-classification model with ``n_outputs`` units, tokenizer), the new head seeded by ``seed``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def with_dropout(config, p: float | None):
+    """``config`` with every float ``*dropout*`` setting (attention, hidden, classifier) set to ``p``; None keeps them."""
+    if p is not None:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, p)
+    return config
+
+
+def load_backbone(model_name: str, n_outputs: int, dtype: torch.dtype, attn_implementation: str, seed: int,
+                  dropout: float | None = None):
+    """(sequence-classification model with ``n_outputs`` units, tokenizer), the new head seeded by ``seed``.
+
+    ``dropout`` replaces the backbone's own dropout probabilities (None keeps the pretrained ones).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(model_name)
     local = Path(path).exists()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        config = with_dropout(AutoConfig.from_pretrained(path, num_labels=n_outputs), dropout)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=n_outputs, dtype=dtype, attn_implementation=attn_implementation)
+            path, config=config, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as exc:
         where = "local folder" if local else "hub id"
         hint = "" if local else (" -- no hub access here? Set HF_HUB_OFFLINE=1 and use a local folder, or "

@@ -20,8 +20,10 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
     """sum_i w_i s_i / sum_i w_i, key by key, in float64 then cast back to each tensor's dtype."""
     if not states:
         raise ValueError("weighted_mean of no states")
+    if len(weights) != len(states):
+        raise ValueError(f"weighted_mean got {len(states)} states but {len(weights)} weights")
     w = torch.tensor(weights, dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
     w = w / w.sum()
     return {k: sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}

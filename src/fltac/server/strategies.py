@@ -105,6 +105,9 @@ class FLTAC(Strategy):
         since which head rows moved would give the task away; the head is averaged all the same.
     cluster_on : {'weights', 'update'}
         Cluster the submitted weights (the paper) or their change since the adapter the client was sent.
+    normalize : bool
+        Scale every feature vector to unit length first (spherical K-means). Reconstructed: the paper
+        only says the adapters are flattened; see ``server.cluster_normalize`` for why it is the default.
     seed, n_init : int
         K-means uses ``random_state = seed + round`` and ``n_init`` restarts.
 
@@ -119,18 +122,23 @@ class FLTAC(Strategy):
     name = "fltac"
 
     def __init__(self, initial: State, n_clusters: int, feature_keys: list[str], cluster_on: str, seed: int,
-                 n_init: int = 10):
+                 n_init: int = 10, normalize: bool = True):
         super().__init__(initial, n_clusters)
         self.feature_keys = feature_keys
         self.cluster_on = cluster_on
+        self.normalize = normalize
         self.seed = seed
         self.n_init = n_init
         self.fitted_ = False
 
     def features(self, subs: list[Submission]) -> np.ndarray:
         if self.cluster_on == "update":
-            return np.stack([flatten(subtract(s.state, s.start), self.feature_keys) for s in subs])
-        return np.stack([flatten(s.state, self.feature_keys) for s in subs])
+            feats = np.stack([flatten(subtract(s.state, s.start), self.feature_keys) for s in subs])
+        else:
+            feats = np.stack([flatten(s.state, self.feature_keys) for s in subs])
+        if self.normalize:
+            feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        return feats
 
     def aggregate(self, round_, subs):
         feats = self.features(subs)
@@ -162,4 +170,4 @@ def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[
         return Centralized(initial, n_tasks)
     keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
-                 cfg.server.kmeans_n_init)
+                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize)
