@@ -14,7 +14,6 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fltac.config import load_config

@@ -36,16 +36,98 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
+#: Formats a custom task's ``source`` may have; null in the config = inferred from the file extension.
+TASK_FORMATS = ("csv", "tsv", "jsonl", "parquet", "hub")
+_TASK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a ``custom`` scenario: where its rows are and which columns mean what.
+
+    Checked here for consistency only (which keys go together); whether the files and columns exist is
+    checked when the data is read (:mod:`fltac.data.custom`), still before any model is loaded.
+    """
+
+    name: str = _help("Task name: unique in the scenario; used in metrics and as the exported adapter's folder.")
+    source: str = _help("A CSV/TSV/JSONL/Parquet file, a folder of such files (read in name order), or, with "
+                        "format: hub, a datasets hub id or a local dataset folder for datasets.load_dataset. "
+                        "Relative paths are read from the current directory.")
+    format: Optional[Literal["csv", "tsv", "jsonl", "parquet", "hub"]] = _help(
+        "Source format; null = from the file extension (a folder: from its files' extensions).", None)
+    kind: Literal["classification", "generation"] = _help(
+        "classification (text_columns + label_column) or generation (prompt_column + response_column; "
+        "parsed and validated, but not trainable yet).", "classification")
+    text_columns: Optional[list[str]] = _help("Columns joined (newline-separated) into the input text.", None)
+    label_column: Optional[str] = _help("Column holding the class (read as a string; classes sorted by name).", None)
+    prompt_column: Optional[str] = _help("Generation only: the prompt column.", None)
+    response_column: Optional[str] = _help("Generation only: the response column.", None)
+    client_column: Optional[str] = _help(
+        "Natural federated data: the column naming each row's owner (author, site, device). Set, this task's "
+        "training rows follow it instead of the Dirichlet split: the sorted distinct values of all tasks' client "
+        "columns are clients 0..n-1, and n must equal partition.n_clients.", None)
+    test_source: Optional[str] = _help("File or folder holding the test split (same format and columns).", None)
+    test_fraction: Optional[float] = _help(
+        "Held-out fraction (seeded, stratified by label where every class has 2+ rows) when there is no "
+        "test_source or hub_test_split; null = data.test_fraction.", None)
+    max_examples: Optional[int] = _help("Cap on this task's training examples (seeded sample); null = all.", None)
+    hub_config: Optional[str] = _help("format: hub only: the dataset config name.", None)
+    hub_split: str = _help("format: hub only: the split to train on.", "train")
+    hub_test_split: Optional[str] = _help("format: hub only: the split to test on (else test_fraction holds out).",
+                                          None)
+
+    def __post_init__(self):
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"data.custom_tasks: task '{self.name}': {message}")
+
+        need(bool(self.name) and set(self.name) <= _TASK_NAME_CHARS,
+             "the name must be non-empty and use only letters, digits, '_', '-', '.'")
+        need(bool(self.source), "source must name a file, folder or hub id")
+        hub = self.format == "hub"
+        if self.kind == "classification":
+            need(bool(self.text_columns), "a classification task needs text_columns (a list of one or more columns)")
+            need(self.label_column is not None, "a classification task needs label_column")
+            need(self.prompt_column is None and self.response_column is None,
+                 "prompt_column/response_column belong to generation tasks (set kind: generation)")
+        else:
+            need(self.prompt_column is not None and self.response_column is not None,
+                 "a generation task needs prompt_column and response_column")
+            need(self.text_columns is None and self.label_column is None,
+                 "text_columns/label_column belong to classification tasks")
+        held_out = [k for k in ("test_source", "hub_test_split") if getattr(self, k) is not None]
+        need(len(held_out) <= 1, "give test_source (files) or hub_test_split (hub), not both")
+        need(not (held_out and self.test_fraction is not None),
+             f"give {held_out[0] if held_out else ''} or test_fraction, not both")
+        need(self.test_fraction is None or 0.0 < self.test_fraction < 1.0, "test_fraction must lie in (0, 1)")
+        need(self.max_examples is None or self.max_examples >= 1, "max_examples must be positive")
+        need(hub or (self.hub_config is None and self.hub_test_split is None and self.hub_split == "train"),
+             "hub_config/hub_split/hub_test_split need format: hub")
+        need(not (hub and self.test_source is not None), "a hub source takes hub_test_split, not test_source")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora).", "text5")
+    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora) or 'custom' "
+                          "(the tasks listed in data.custom_tasks).", "text5")
     tasks: Optional[list[str]] = _help("Subset of the scenario's tasks, in this order; null = all.", None)
     max_length: int = _help("Tokens kept per text (longer texts are truncated).", 64)
     split_seed: int = _help("Seed of the stratified 80/20 split for corpora without an official test split.", 0)
     test_fraction: float = _help("Held-out fraction for corpora without an official test split.", 0.2)
     max_train_per_task: Optional[int] = _help("Cap on training examples per task (seeded sample); null = all.", None)
+    custom_tasks: Optional[list[TaskSpec]] = _help(
+        "scenario: custom only: the tasks, in order (which fixes label offsets and partition seeds). "
+        "See TaskSpec for the keys of each.", None)
 
     def __post_init__(self):
+        if self.scenario == "custom":
+            _check(bool(self.custom_tasks), "data.custom_tasks", "must list at least one task when scenario is 'custom'")
+            names = [t.name for t in self.custom_tasks]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            _check(not dupes, "data.custom_tasks", f"has duplicate task names {dupes}")
+        else:
+            _check(self.custom_tasks is None, "data.custom_tasks",
+                   f"is only read when data.scenario is 'custom' (it is '{self.scenario}')")
         _check(self.max_length >= 8, "data.max_length", "must be at least 8")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must lie in (0, 1)")
         _check(self.max_train_per_task is None or self.max_train_per_task > 0, "data.max_train_per_task", "must be positive")
@@ -241,6 +323,12 @@ def build(cls: type, mapping: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], dotted)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in kwargs]
+    if missing:
+        where = f"'{prefix}'" + (f" (task '{mapping['name']}')" if "name" in mapping else "")
+        raise ConfigError(f"config section {where} lacks required key(s) {missing}")
     return cls(**kwargs)
 
 

@@ -16,10 +16,12 @@ Jobs carry an opaque key (``a0``, ``a1``, ...): the server never learns which ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from fltac.client.hooks import Hook
 from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
 from fltac.models.adapters import AdapterModel
@@ -73,10 +75,11 @@ def job_seed(seed: int, round_: int, client: int, key: str) -> int:
 
 
 def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenStore, job: Job, cfg: TrainConfig,
-              seed: int) -> tuple[dict[str, torch.Tensor], list[float], int]:
+              seed: int, hooks: Sequence[Hook] = ()) -> tuple[dict[str, torch.Tensor], list[float], int]:
     """Train one adapter from ``start`` for ``job.steps`` AdamW steps; (adapter, per-step losses, tokens).
 
     A fresh optimizer per job and round, as in FedAvg-style clients: nothing of the optimizer persists.
+    ``hooks`` add the method's own terms (see :mod:`fltac.client.hooks`); the logged loss is the task loss.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -87,8 +90,13 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
     for rows in sample_batches(job.rows, job.steps, cfg.batch_size, rng):
         batch = store.batch(rows)
         loss = task_loss(model.logits(batch.input_ids, batch.attention_mask), batch)
-        loss.backward()
+        extra = [t for t in (h.extra_loss(model.params) for h in hooks) if t is not None]
+        (loss + sum(extra)).backward()
+        for h in hooks:
+            h.after_backward(model.params)
         opt.step()
+        for h in hooks:
+            h.after_step(model.params)
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         tokens += batch.n_tokens

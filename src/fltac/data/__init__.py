@@ -14,9 +14,15 @@ SCENARIOS = {"text5": TEXT5}
 
 def load_tasks(cfg: DataConfig) -> list[Task]:
     """The scenario's tasks, in config order (which fixes label offsets and partition seeds)."""
-    if cfg.scenario not in SCENARIOS:
-        raise ConfigError(f"config key 'data.scenario': unknown scenario '{cfg.scenario}' (known: {sorted(SCENARIOS)})")
-    loaders = SCENARIOS[cfg.scenario]
+    if cfg.scenario == "custom":  # tasks defined in the config: see fltac.data.custom
+        from fltac.data.custom import custom_loaders
+
+        loaders = custom_loaders(cfg.custom_tasks)
+    elif cfg.scenario not in SCENARIOS:
+        raise ConfigError(f"config key 'data.scenario': unknown scenario '{cfg.scenario}' "
+                          f"(known: {sorted(SCENARIOS) + ['custom']})")
+    else:
+        loaders = SCENARIOS[cfg.scenario]
     names = cfg.tasks or list(loaders)
     unknown = [n for n in names if n not in loaders]
     if unknown:
@@ -33,8 +39,9 @@ def cap_train(task: Task, limit: int, seed: int) -> Task:
     if len(task.train_texts) <= limit:
         return task
     keep = np.sort(np.random.default_rng(seed).choice(len(task.train_texts), size=limit, replace=False))
+    owners = None if task.train_owners is None else [task.train_owners[i] for i in keep]
     return Task(task.name, task.labels, [task.train_texts[i] for i in keep], task.train_labels[keep],
-                task.test_texts, task.test_labels)
+                task.test_texts, task.test_labels, owners)
 
 
 __all__ = ["LabelSpace", "Task", "load_tasks", "cap_train", "SCENARIOS"]

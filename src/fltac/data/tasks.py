@@ -20,6 +20,9 @@ class Task:
     train_labels: np.ndarray       # local label ids, int64
     test_texts: list[str]
     test_labels: np.ndarray
+    #: Natural federated data: the owner (author, site, device) of each training row, or None for the
+    #: Dirichlet split. See :func:`fltac.data.partition.partition_by_owner`.
+    train_owners: list[str] | None = None
 
     def __post_init__(self):
         if len(self.labels) < 2:
@@ -28,6 +31,8 @@ class Task:
             raise ValueError(f"task '{self.name}': texts and labels differ in length")
         if len(self.test_texts) == 0:
             raise ValueError(f"task '{self.name}': the test split is empty")
+        if self.train_owners is not None and len(self.train_owners) != len(self.train_texts):
+            raise ValueError(f"task '{self.name}': train_owners and train_texts differ in length")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fltac import io
+from fltac.client.hooks import make_hooks
 from fltac.client.train import job_seed, train_job
 from fltac.config import RunConfig
 from fltac.experiment import Experiment, build_experiment
@@ -175,12 +176,15 @@ class InProcessEngine:
         subs, metrics, sent = [], [], {}
         tokens, t_train = 0, time.perf_counter()
         for job in jobs:
-            start = exp.strategy.start_state(job.client, job.key)
+            sent_to_job = exp.strategy.configure(r, job.client, job.key)
+            start = sent_to_job.state
             sent.setdefault(job.client, {})[id(start)] = state_bytes(start)
+            hooks = make_hooks(sent_to_job.config, start)
             state, losses, n_tok = train_job(exp.model, start, exp.train_store, job, cfg.train,
-                                             job_seed(cfg.seed, r, job.client, job.key))
+                                             job_seed(cfg.seed, r, job.client, job.key), hooks)
             tokens += n_tok
-            subs.append(Submission(job.client, job.key, state, job.num_examples, start))
+            extras = {k: v for h in hooks for k, v in h.extras().items()}
+            subs.append(Submission(job.client, job.key, state, job.num_examples, start, extras))
             task = "+".join(exp.task_names[t] for t in job.tasks)
             metrics.extend({"phase": "local", "round": r, "client": job.client, "key": job.key, "task": task,
                             "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
@@ -194,7 +198,7 @@ class InProcessEngine:
             scores = clustering_scores([j.tasks[0] for j in jobs], [row["cluster"] for row in rows])
             clusters.append({"round": r, "assignments": rows, **scores})
         info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(subs),
-                "uplink_bytes": sum(state_bytes(s.state) for s in subs),
+                "uplink_bytes": sum(state_bytes(s.state) + state_bytes(s.extras) for s in subs),
                 "downlink_bytes": sum(sum(per.values()) for per in sent.values()),
                 "train_tokens": tokens, "train_seconds": round(train_seconds, 3),
                 "mean_local_loss": float(np.mean([m["loss"] for m in metrics])) if metrics else None}

@@ -1,14 +1,14 @@
-"""Server strategies: what each client starts from (``start_state``) and how submissions are merged (``aggregate``).
+"""Server strategies: what each client is sent (``configure``) and how submissions are merged (``aggregate``).
 
 A strategy holds *slots*, the global adapters it serves, and the slot each (client, key) was last
-assigned. Engines call ``start_state`` for every job before a round and ``aggregate`` once after it;
+assigned. Engines call ``configure`` for every job before a round and ``aggregate`` once after it;
 they never look inside. State learned across rounds ends in ``_`` and round-trips through
 ``state_dict`` / ``load_state_dict`` (tensors + JSON) so a run can resume.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,14 @@ import torch
 from fltac.config import RunConfig
 from fltac.models.adapters import flatten
 from fltac.server.aggregate import State, kmeans_labels, match_to_previous, subtract, weighted_mean
+
+
+@dataclass
+class Broadcast:
+    """What the server sends for one (client, key): the start adapter and plain settings for client hooks."""
+
+    state: State
+    config: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -27,6 +35,7 @@ class Submission:
     state: State
     num_examples: int
     start: State  # the adapter the client was sent (kept server-side; not sent back)
+    extras: dict = field(default_factory=dict)  # tensors sent beside the adapter (e.g. importance scores)
 
 
 class Strategy:
@@ -44,6 +53,10 @@ class Strategy:
         """The adapter sent to ``client`` for its adapter ``key``: its last slot, or the initial adapter."""
         slot = self.assignment_.get((client, key))
         return self.initial if slot is None else self.slots_[slot]
+
+    def configure(self, round_: int, client: int, key: str) -> Broadcast:
+        """What ``client`` receives for its adapter ``key`` in ``round_``; methods add hook settings."""
+        return Broadcast(self.start_state(client, key))
 
     def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
         """Merge ``subs`` into the slots; return the slot each submission was assigned."""
