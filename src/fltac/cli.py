@@ -1,7 +1,11 @@
 """``fltac`` command line: the only reader of argv. Parses, builds a validated RunConfig, calls an engine.
 
     fltac run --config configs/text5.yaml [--method fedit] [--rounds 3] [--override train.lr=1e-3] [--resume]
+              [--engine flower-sim]
     fltac partition --scenario text5 [--alpha 0.1] [--save partition.csv]
+    fltac report RUN_DIR [RUN_DIR ...] [--out DIR]
+    fltac export RUN_DIR --out DIR [--round N]
+    fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME]
 """
 
 from __future__ import annotations
@@ -50,10 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last round")
     run.add_argument("--overwrite", action="store_true", help="replace a finished or failed run in output_dir")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--engine", choices=["inprocess", "flower-sim"], default="inprocess",
+                     help="inprocess (default): every client in this process; flower-sim: the same run on Flower's "
+                          "simulation runtime (needs pip install 'fltac[flower]'; see docs/flower.md)")
+    run.add_argument("--log", action="append", default=[], choices=["tensorboard"],
+                     help="also stream metrics to TensorBoard (events in output_dir/tensorboard; needs the "
+                          "tensorboard package); metrics.jsonl is always written")
 
     part = sub.add_parser("partition", help="print (and save) the per-client x per-task split a run trains on")
     _add_config_flags(part, ["scenario", "n_clients", "alpha", "min_frac", "seed"])
     part.add_argument("--save", metavar="CSV", help="write the table as CSV")
+
+    rep = sub.add_parser("report", help="report.md + report.html + PNG plots comparing finished runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", metavar="DIR", help="where the report goes (default: the first RUN_DIR)")
+
+    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json)")
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("--out", metavar="DIR", required=True, help="one sub-folder per task (FL-TAC) or 'fedit'")
+    exp.add_argument("--round", type=int, metavar="N", help="the adapters after round N (default: the last)")
+
+    pred = sub.add_parser("predict", help="print the label an exported adapter predicts for each text")
+    pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred.add_argument("--adapter", metavar="DIR", required=True, help="a folder written by fltac export")
+    pred.add_argument("--task", help="only this task (a FedIT export serves every task)")
+    pred.add_argument("--model", metavar="PATH", help="the backbone, if not where labels.json says")
     return parser
 
 
@@ -61,8 +86,17 @@ def cmd_run(args) -> int:
     from fltac.engines.inprocess import RunError, run
 
     cfg = config_from_args(args)
+    if "tensorboard" in args.log:
+        from fltac.eval.tensorboard import require_tensorboard
+
+        require_tensorboard()
+    if args.engine == "flower-sim":
+        try:
+            from fltac.engines.flower import run_simulation as run
+        except ImportError as exc:
+            raise ConfigError(f"--engine flower-sim needs Flower: pip install 'fltac[flower]' ({exc})") from None
     try:
-        summary = run(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        summary = run(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, log=tuple(args.log))
     except RunError as exc:
         raise ConfigError(str(exc)) from None
     if args.quiet:
@@ -73,18 +107,27 @@ def cmd_run(args) -> int:
 
 
 def cmd_partition(args) -> int:
+    import numpy as np
+
     from fltac.data import load_tasks
     from fltac.data.partition import format_table, partition_table
     from fltac.experiment import build_partition
 
     cfg = config_from_args(args)
     tasks = load_tasks(cfg.data)
-    table = partition_table(build_partition(cfg, tasks))
+    parts = build_partition(cfg, tasks)
+    table = partition_table(parts)
     names = [t.name for t in tasks]
     p = cfg.partition
-    print(f"=== {cfg.data.scenario} partition (n_clients={p.n_clients}, alpha={p.alpha}, min_frac={p.min_frac}, "
-          f"seed={cfg.seed}) ===")
+    print(f"=== {cfg.data.scenario} partition (kind={p.kind}, n_clients={p.n_clients}, alpha={p.alpha}, "
+          f"min_frac={p.min_frac}, seed={cfg.seed}) ===")
     print(format_table(table, names))
+    if p.kind == "label_skew":  # the skew is across classes: show each task's client x class counts
+        for task, task_parts in zip(tasks, parts):
+            counts = np.array([np.bincount(task.train_labels[rows], minlength=len(task.labels)) for rows in task_parts])
+            print(f"\n{task.name}: training rows per client and class (columns: class index, see below)")
+            print(format_table(counts, [str(c) for c in range(len(task.labels))]))
+            print("classes: " + ", ".join(f"{c}={name}" for c, name in enumerate(task.labels)))
     if args.save:
         with open(args.save, "w", newline="") as f:
             writer = csv.writer(f)
@@ -95,10 +138,42 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import shlex
+
+    from fltac.eval.report import build_report
+
+    command = " ".join(["fltac report", *map(shlex.quote, args.run_dirs)]
+                       + (["--out", shlex.quote(args.out)] if args.out else []))
+    md = build_report(args.run_dirs, args.out, command=command)
+    print(f"wrote {md} and {md.with_suffix('.html')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fltac.export import export_run
+
+    for name, folder in export_run(args.run_dir, args.out, args.round).items():
+        print(f"{name}\t{folder}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from fltac.export import predict
+
+    for text, labels in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
+        if len(labels) == 1:
+            print(next(iter(labels.values())))
+        else:
+            print("\t".join(f"{task}: {label}" for task, label in labels.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "partition": cmd_partition}[args.command](args)
+        return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
+                "predict": cmd_predict}[args.command](args)
     except USER_ERRORS as exc:
         print(f"fltac: error: {exc}", file=sys.stderr)
         return 2

@@ -20,10 +20,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-METHODS = ("fltac", "fedit", "centralized")
+METHODS = ("fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full")
 #: Rank each method uses when ``lora.rank`` is left unset: the FL-TAC paper's settings
 #: (FL-TAC and its centralized upper bound at 4, FedIT's single shared adapter at 16).
-DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4}
+DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4, "hafl": 8, "hetlora": 8}
+#: Methods that train the backbone itself (fp32 masters) for some or all rounds; they take no ``lora.rank``
+#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See docs/safedlora.md.
+BACKBONE_METHODS = ("safedlora", "fedavg_full")
 
 
 class ConfigError(ValueError):
@@ -121,7 +124,8 @@ class DataConfig:
 
     def __post_init__(self):
         if self.scenario == "custom":
-            _check(bool(self.custom_tasks), "data.custom_tasks", "must list at least one task when scenario is 'custom'")
+            _check(bool(self.custom_tasks), "data.custom_tasks",
+                   "must list at least one task when scenario is 'custom'")
             names = [t.name for t in self.custom_tasks]
             dupes = sorted({n for n in names if names.count(n) > 1})
             _check(not dupes, "data.custom_tasks", f"has duplicate task names {dupes}")
@@ -139,6 +143,10 @@ class PartitionConfig:
     n_clients: int = _help("Number of simulated clients.", 10)
     alpha: float = _help("Dirichlet concentration per task over clients (smaller = more skewed).", 0.5)
     min_frac: float = _help("Client shares below this are set to zero (that client gets no sample of the task).", 0.01)
+    kind: Literal["per_task", "label_skew"] = _help(
+        "per_task: Dir(alpha) over clients once per task (FL-TAC's split). label_skew: Dir(alpha) over clients "
+        "once per class of each task (Hsu et al. 2019 label skew; HAFL's 20 Newsgroups scenario); the same "
+        "min_frac rule applies to every draw.", "per_task")
 
     def __post_init__(self):
         _check(self.n_clients >= 1, "partition.n_clients", "must be at least 1")
@@ -168,6 +176,8 @@ class TrainConfig:
     local_steps: int = _help("Optimizer steps per (client, task) adapter per round.", 4)
     batch_size: int = _help("Examples per local step.", 16)
     lr: float = _help("AdamW learning rate for LoRA matrices and the classification head.", 3e-3)
+    backbone_lr: float = _help("AdamW learning rate of the backbone's own weights, when they are trained "
+                               "(fedavg_full; safedlora's initiating stage with init_train: full).", 5e-5)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     fraction_fit: float = _help("Fraction of clients sampled each round (seeded); 1.0 = full participation.", 1.0)
 
@@ -175,6 +185,7 @@ class TrainConfig:
         for name in ("rounds", "local_steps", "batch_size"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
         _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.backbone_lr > 0, "train.backbone_lr", "must be positive")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be non-negative")
         _check(0.0 < self.fraction_fit <= 1.0, "train.fraction_fit", "must lie in (0, 1]")
 
@@ -213,10 +224,199 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ReliabilityConfig:
+    """Failing clients, submission checks and robust aggregation (see docs/reliability.md).
+
+    Faults and attacks are drawn from (seed, round, client[, key]) alone, like every other random
+    draw of a run, so a resumed run meets the same faults as the uninterrupted one.
+    """
+
+    crash_prob: float = _help("Injected fault: probability that a sampled client crashes (raises) in a round; all "
+                              "its adapters of that round are lost.", 0.0)
+    hang_prob: float = _help("Injected fault: probability that a sampled client hangs for hang_seconds (simulated: "
+                             "added to its measured time, not slept), so the client_timeout_s check drops it.", 0.0)
+    hang_seconds: float = _help("How long an injected hang lasts, in (simulated) seconds.", 3600.0)
+    corrupt_prob: float = _help("Injected fault: probability that one submitted adapter is corrupted "
+                                "(drawn per adapter, i.e. per client and task for FL-TAC).", 0.0)
+    corrupt_kind: Literal["nan", "scale", "noise", "shape", "dtype", "missing", "any"] = _help(
+        "How an injected corruption breaks the adapter: NaN entries, every tensor x attack_scale, Gaussian noise "
+        "(attack_noise_std), a tensor with a wrong shape, float64 tensors, a missing tensor; 'any' draws one of "
+        "these per corruption.", "any")
+    client_timeout_s: Optional[float] = _help(
+        "Per-client time limit per round (seconds): a client whose training took longer (measured wall time, "
+        "plus any injected hang) is dropped; on the main thread a real client is also interrupted when it runs "
+        "past the limit. null = no limit. Wall-clock timeouts are by nature not reproducible; injected hangs are.",
+        None)
+    min_clients_per_round: int = _help("Stop the run with an error when fewer distinct clients than this have an "
+                                       "accepted adapter in a round (never a silent empty average).", 1)
+    min_fraction_per_round: float = _help("Also stop when fewer than this fraction of the round's sampled clients "
+                                          "have an accepted adapter (0 = no fraction requirement).", 0.0)
+    validate: bool = _help("Check every submission before the strategy sees it: tensor names, shapes and dtypes "
+                           "for the method and the client's rank, finite values, and the update-norm bound. "
+                           "A rejected submission counts as a dropped client.", True)
+    norm_bound: Optional[float] = _help("Absolute bound on a submission's update norm ||submitted - sent||_2 "
+                                        "(all tensors together); null = norm_bound_factor x the round's median.", None)
+    norm_bound_factor: float = _help("With norm_bound null, reject an update whose norm exceeds this multiple of "
+                                     "the lower median update norm of the round's structurally valid, finite "
+                                     "submissions (the smaller middle value for an even count).",
+                                     10.0)
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = _help(
+        "How the submissions merged into one global adapter are combined (inside each cluster for FL-TAC): "
+        "sample-weighted FedAvg, coordinate-wise median, or coordinate-wise trimmed mean (unweighted).", "fedavg")
+    trim_fraction: float = _help("trimmed_mean: drop floor(trim_fraction x n) values at each end of every "
+                                 "coordinate (n = submissions being merged). 0.2 trims one of each end from 5 to 9.",
+                                 0.2)
+    clip_norm: Optional[float] = _help("Clip every update to this L2 norm (all tensors together) before merging: "
+                                       "start + u min(1, clip_norm / ||u||). null = no clipping.", None)
+    attacker_clients: list[int] = _help("Clients that attack every round they are sampled (for robustness "
+                                        "experiments); each of their adapters is replaced as 'attack' says.",
+                                        factory=list)
+    attack: Literal["none", "scale", "nan", "noise"] = _help(
+        "What attackers send: their trained adapter x attack_scale, NaN everywhere, or Gaussian noise with std "
+        "attack_noise_std in place of every entry.", "none")
+    attack_scale: float = _help("Factor of the 'scale' attack and corruption.", 100.0)
+    attack_noise_std: float = _help("Standard deviation of the 'noise' attack and corruption.", 1.0)
+
+    def __post_init__(self):
+        for name in ("crash_prob", "hang_prob", "corrupt_prob", "min_fraction_per_round"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"reliability.{name}", "must lie in [0, 1]")
+        _check(self.hang_seconds > 0, "reliability.hang_seconds", "must be positive")
+        _check(self.client_timeout_s is None or self.client_timeout_s > 0, "reliability.client_timeout_s",
+               "must be positive or null")
+        _check(self.hang_prob == 0.0 or self.client_timeout_s is not None, "reliability.hang_prob",
+               "needs reliability.client_timeout_s: without a time limit a hung client is waited for forever")
+        _check(self.min_clients_per_round >= 1, "reliability.min_clients_per_round", "must be at least 1")
+        _check(self.norm_bound is None or self.norm_bound > 0, "reliability.norm_bound", "must be positive or null")
+        _check(self.norm_bound_factor >= 1.0, "reliability.norm_bound_factor",
+               "must be at least 1 (the median update itself must pass)")
+        _check(0.0 <= self.trim_fraction < 0.5, "reliability.trim_fraction", "must lie in [0, 0.5)")
+        _check(self.clip_norm is None or self.clip_norm > 0, "reliability.clip_norm", "must be positive or null")
+        _check(all(c >= 0 for c in self.attacker_clients), "reliability.attacker_clients",
+               "must hold client indices (>= 0)")
+        _check(self.attack != "none" or not self.attacker_clients, "reliability.attack",
+               "must name an attack when reliability.attacker_clients is set")
+        _check(self.attack_scale > 0, "reliability.attack_scale", "must be positive")
+        _check(self.attack_noise_std > 0, "reliability.attack_noise_std", "must be positive")
+
+
+@dataclass(frozen=True)
+class HaflConfig:
+    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see docs/hafl.md.
+
+    Su, Yan, Deng, arXiv 2411.06581 v1. Options the paper does not settle are marked reconstructed.
+    """
+
+    mode: Optional[Literal["truncate", "freeze"]] = _help(
+        "truncate: client k is sent its top-r_k components by global score and trains a rank-r_k adapter. freeze: "
+        "client k is sent the full rank-R adapter and updates only its locally top-r_k components. null = the "
+        "method's own (hafl: truncate; hetlora: truncate, the only one it allows).", None)
+    aggregation: Optional[Literal["adaptive", "zero_pad"]] = _help(
+        "adaptive: each rank-1 component averaged over only the clients that updated it (kept if none did). "
+        "zero_pad: HetLoRA's average over all clients with zeros for components a client did not update. "
+        "null = the method's own (hafl: adaptive; hetlora: zero_pad, the only one it allows).", None)
+    client_ranks: Optional[list[int]] = _help(
+        "Explicit rank r_k of each client (length partition.n_clients, each <= R); null = rank_distribution.", None)
+    rank_distribution: str = _help(
+        "With client_ranks null: 'uniform:2,4,8' draws each client's rank uniformly from the list (seeded by the "
+        "run seed); 'cycle:2,4,8' gives client k the (k mod 3)-th value.", "uniform:2,4,8")
+    beta: float = _help("EMA factor of the sensitivity |w * grad| (and of the uncertainty term).", 0.85)
+    uncertainty: bool = _help("Reconstructed option (AdaLoRA): score = EMA(|w g|) x EMA(| |w g| - EMA(|w g|) |) "
+                              "instead of EMA(|w g|) alone.", False)
+    score_reduce: Literal["sum", "mean"] = _help(
+        "How a component's score gathers its entries' sensitivities: sum over column i of B and row i of A (the "
+        "issue's reading) or mean over each plus mean over the other (reconstructed alternative).", "sum")
+    weighting: Literal["samples", "samples_x_score"] = _help(
+        "Weights of adaptive aggregation: n_k, or n_k x the client's score of that component (reconstructed "
+        "option; adaptive aggregation only).", "samples")
+
+    def __post_init__(self):
+        _check(0.0 < self.beta < 1.0, "hafl.beta", "must lie in (0, 1)")
+        _check(self.client_ranks is None or (len(self.client_ranks) > 0 and min(self.client_ranks) >= 1),
+               "hafl.client_ranks", f"must list ranks >= 1, got {self.client_ranks}")
+        kind, values = _rank_distribution(self.rank_distribution)
+        _check(kind in ("uniform", "cycle") and values is not None and min(values) >= 1, "hafl.rank_distribution",
+               f"must look like 'uniform:2,4,8' or 'cycle:2,4,8' (ranks >= 1), got {self.rank_distribution!r}")
+        _check(self.weighting == "samples" or self.aggregation != "zero_pad", "hafl.weighting",
+               "samples_x_score needs hafl.aggregation adaptive (zero_pad averages over all clients)")
+
+    def ranks(self, n_clients: int, seed: int) -> list[int]:
+        """r_k of each client: ``client_ranks``, or drawn from ``rank_distribution`` with its own seeded generator."""
+        if self.client_ranks is not None:
+            return list(self.client_ranks)
+        kind, values = _rank_distribution(self.rank_distribution)
+        if kind == "cycle":
+            return [values[k % len(values)] for k in range(n_clients)]
+        import numpy as np
+
+        rng = np.random.default_rng([seed, 2411065810])  # the paper's arXiv id: a stream of its own
+        return [int(v) for v in rng.choice(values, size=n_clients)]
+
+    def resolved(self, method: str) -> tuple[str, str]:
+        """(mode, aggregation) for ``method``: hetlora is truncate + zero_pad, hafl defaults to truncate + adaptive."""
+        if method == "hetlora":
+            return "truncate", "zero_pad"
+        return self.mode or "truncate", self.aggregation or "adaptive"
+
+
+def _rank_distribution(text: str) -> tuple[str, list[int] | None]:
+    kind, _, rest = text.partition(":")
+    try:
+        values = [int(v) for v in rest.split(",")] if rest else None
+    except ValueError:
+        values = None
+    return kind.strip(), values
+
+
+@dataclass(frozen=True)
+class SAFedLoraConfig:
+    """SA-FedLoRA (Yang et al., arXiv 2405.09394): an initiating stage, then an annealed SVD-adapter budget.
+
+    Rounds 1..init_rounds: clients train with the proximal term mu/2 ||w - w_global||^2 (FedProx), the server
+    does FedAvg. Then the backbone is frozen and an AdaLoRA adapter P diag(lambda) Q of rank rank_init per
+    matrix is trained; the budget b(t) (rank-1 triplets over all matrices) falls from rank_init x n_matrices
+    to target_rank x n_matrices along AdaLoRA's cubic schedule over the annealing rounds. The paper gives the
+    idea only; the formulas are reconstructed (see docs/safedlora.md and fltac.server.safedlora).
+    """
+
+    init_rounds: int = _help("Rounds of the initiating stage (proximal term, FedAvg); 0 = anneal from round 1.", 1)
+    mu: float = _help("Proximal coefficient of the initiating stage (reconstructed: FedProx's mu/2 ||w - w_g||^2).",
+                      0.01)
+    init_train: Literal["full", "lora"] = _help(
+        "What the initiating stage trains: 'full' = the whole backbone and head (fp32, train.backbone_lr; the "
+        "most faithful reading), 'lora' = the SVD adapter at full rank_init and the head.", "full")
+    rank_init: int = _help("Initial rank r_init of every adapted matrix (the 'heating' budget).", 12)
+    target_rank: int = _help("Average rank per matrix at the end of annealing: b_T = target_rank x n_matrices.", 4)
+    warm_rounds: int = _help("Annealing rounds at the full budget b_0 before the cubic decrease (AdaLoRA's "
+                             "tinit, counted in rounds; at least 1, since the first mask needs one round of scores).",
+                             1)
+    cool_rounds: int = _help("Last annealing rounds at the final budget b_T (AdaLoRA's tfinal, in rounds).", 1)
+    orth_reg: float = _help("Weight of AdaLoRA's orthogonality loss mean(||P^T P - I||_F, ||Q Q^T - I||_F) over "
+                            "the active triplets; 0 = off.", 0.1)
+    beta1: float = _help("EMA factor of the sensitivity |w * grad| (AdaLoRA's beta1).", 0.85)
+    beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA's beta2).", 0.85)
+
+    def __post_init__(self):
+        _check(self.init_rounds >= 0, "safedlora.init_rounds", "must be non-negative")
+        _check(self.mu >= 0, "safedlora.mu", "must be non-negative")
+        _check(self.rank_init >= 1, "safedlora.rank_init", "must be at least 1")
+        _check(1 <= self.target_rank <= self.rank_init, "safedlora.target_rank",
+               f"must lie in [1, safedlora.rank_init = {self.rank_init}]")
+        _check(self.warm_rounds >= 1, "safedlora.warm_rounds", "must be at least 1 (the first mask needs scores)")
+        _check(self.cool_rounds >= 0, "safedlora.cool_rounds", "must be non-negative")
+        _check(self.orth_reg >= 0, "safedlora.orth_reg", "must be non-negative")
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"safedlora.{name}", "must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    method: Literal["fltac", "fedit", "centralized"] = _help(
+    method: Literal["fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full"] = _help(
         "fltac: one adapter per (client, task), K-means + FedAvg per cluster. fedit: one shared adapter per client, "
-        "FedAvg. centralized: pooled data, one adapter per task (upper bound).", "fltac")
+        "FedAvg. centralized: pooled data, one adapter per task (upper bound). hafl: one adapter per client at its "
+        "own rank r_k <= R, importance-based truncation or freezing, rank-1 aggregation (section hafl). hetlora: "
+        "the baseline, first r_k components + zero-padded averaging. safedlora: SA-FedLoRA, an initiating stage "
+        "then an annealed SVD adapter (section safedlora). fedavg_full: FedAvg of full fine-tuning (fp32 backbone).",
+        "fltac")
     model_name: str = _help("'minilm' (the packaged MiniLM-L6), a hub id, or a local folder.", "minilm")
     seed: int = _help("Seeds the partition (seed + task index), initial adapter, local batches, K-means, eval sample.", 42)
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
@@ -236,15 +436,56 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    hafl: HaflConfig = field(default_factory=HaflConfig)
+    safedlora: SAFedLoraConfig = field(default_factory=SAFedLoraConfig)
 
     def __post_init__(self):
         _check(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0, "backbone_dropout",
                "must lie in [0, 1) or be null")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
+        _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
+               "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
+        if self.method in ("hafl", "hetlora"):
+            self._check_hafl()
+        if self.method in BACKBONE_METHODS:
+            self._check_safedlora()
+
+    def _check_safedlora(self) -> None:
+        _check(self.lora.rank is None, "lora.rank",
+               f"is not read by method {self.method} (safedlora's rank is safedlora.rank_init); leave it null")
+        _check(self.dtype != "bfloat16", "dtype",
+               f"must be auto or float32 for method {self.method}: a trained backbone needs fp32 weights")
+        if self.method == "safedlora":
+            sa = self.safedlora
+            _check(sa.init_rounds <= self.train.rounds, "safedlora.init_rounds",
+                   f"must not exceed train.rounds = {self.train.rounds}")
+            anneal = self.train.rounds - sa.init_rounds
+            _check(anneal == 0 or sa.warm_rounds + sa.cool_rounds <= anneal, "safedlora.warm_rounds",
+                   f"+ safedlora.cool_rounds must not exceed the {anneal} annealing round(s) "
+                   f"(train.rounds - safedlora.init_rounds)")
+
+    def _check_hafl(self) -> None:
+        h, n = self.hafl, self.partition.n_clients
+        if self.method == "hetlora":
+            _check(h.mode in (None, "truncate"), "hafl.mode", "must be truncate or null with method hetlora "
+                   "(HetLoRA truncates; use method hafl for freeze)")
+            _check(h.aggregation in (None, "zero_pad"), "hafl.aggregation", "must be zero_pad or null with method "
+                   "hetlora (HetLoRA zero-pads; use method hafl for adaptive)")
+        _check(h.client_ranks is None or len(h.client_ranks) == n, "hafl.client_ranks",
+               f"must give one rank per client: {len(h.client_ranks or [])} values for partition.n_clients = {n}")
+        key = "hafl.client_ranks" if h.client_ranks is not None else "hafl.rank_distribution"
+        too_big = sorted({r for r in h.ranks(n, self.seed) if r > self.rank})
+        _check(not too_big, key, f"has client rank(s) {too_big} larger than the server rank R = {self.rank} "
+               f"(lora.rank{'' if self.lora.rank is not None else ', the method default'}); every r_k must be <= R")
 
     @property
     def rank(self) -> int:
         """The LoRA rank this run uses: ``lora.rank``, or the method's default."""
+        if self.method == "safedlora":
+            return self.safedlora.rank_init
+        if self.method == "fedavg_full":
+            return 0  # no adapter: the whole backbone is trained
         return self.lora.rank if self.lora.rank is not None else DEFAULT_RANK[self.method]
 
     def to_dict(self) -> dict:
@@ -263,6 +504,7 @@ FLAG_KEYS = {
     "batch_size": "train.batch_size", "lr": "train.lr", "fraction_fit": "train.fraction_fit",
     "n_clusters": "server.n_clusters", "cluster_features": "server.cluster_features",
     "eval_every": "eval.eval_every", "eval_size": "eval.eval_size",
+    "hafl_mode": "hafl.mode", "hafl_aggregation": "hafl.aggregation", "partition_kind": "partition.kind",
 }
 
 
@@ -376,7 +618,10 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data

@@ -13,20 +13,32 @@ import numpy as np
 import torch
 
 from fltac.client.train import Job, plan_jobs
-from fltac.config import RunConfig
+from fltac.config import BACKBONE_METHODS, RunConfig
 from fltac.data import LabelSpace, Task, load_tasks
 from fltac.data.batches import TokenStore, build_store, eval_rows
-from fltac.data.partition import partition_all
+from fltac.data.partition import owner_clients, partition_all, partition_all_label_skew, partition_by_owner
 from fltac.eval.evaluate import Evaluator
 from fltac.models.adapters import AdapterModel
+from fltac.models.staged import StagedModel
 from fltac.models.backbone import choose_attention, choose_dtype, default_device, load_backbone, set_threads
 from fltac.server.strategies import Strategy, make_strategy
 
 
 def build_partition(cfg: RunConfig, tasks: list[Task]) -> list[list[np.ndarray]]:
-    """``parts[t][k]``: task-local training rows of task ``t`` held by client ``k``."""
+    """``parts[t][k]``: task-local training rows of task ``t`` held by client ``k``.
+
+    Dirichlet per task, except tasks that name their rows' owners (``client_column``), which follow them.
+    """
     p = cfg.partition
-    return partition_all([len(t.train_texts) for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
+    if p.kind == "label_skew":  # Dir(alpha) per class of each task (HAFL's 20 Newsgroups scenario)
+        parts = partition_all_label_skew([t.train_labels for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
+    else:
+        parts = partition_all([len(t.train_texts) for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
+    client_of = owner_clients([t.train_owners for t in tasks], [t.name for t in tasks], p.n_clients)
+    for i, task in enumerate(tasks):
+        if task.train_owners is not None:
+            parts[i] = partition_by_owner(task.train_owners, client_of, p.n_clients)
+    return parts
 
 
 @dataclass
@@ -49,18 +61,32 @@ class Experiment:
         return [t.name for t in self.tasks]
 
 
+def build_model(cfg: RunConfig, space: LabelSpace):
+    """(model, initial state, tokenizer, dtype note, attention kernel, threads): the backbone with its adapter,
+    built the same way wherever it runs (the in-process engine, a Flower SuperNode), so every copy is identical."""
+    threads = set_threads(cfg.num_threads)
+    device = default_device()
+    dtype, dtype_note = choose_dtype(cfg.dtype, device)
+    if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (docs/safedlora.md)
+        dtype, dtype_note = torch.float32, f"float32 (method {cfg.method} trains the backbone; {dtype_note})"
+    attn = choose_attention(cfg.attn_implementation, dtype, device)
+    base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed, cfg.backbone_dropout)
+    torch.manual_seed(cfg.seed)
+    if cfg.method in BACKBONE_METHODS:
+        model = StagedModel(base, device, cfg.rank or None, cfg.lora.alpha, cfg.lora.dropout,
+                            tuple(cfg.lora.target_modules), cfg.train.backbone_lr)
+        initial = model.everything()  # the strategy takes its stage-1 state and its adapter from this
+    else:
+        model = AdapterModel(base, cfg.lora, cfg.rank, device)
+        initial = model.state()
+    return model, initial, tokenizer, dtype_note, attn, threads
+
+
 def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experiment:
     tasks = tasks if tasks is not None else load_tasks(cfg.data)
     space = LabelSpace.of(tasks)
     parts = build_partition(cfg, tasks)
-    threads = set_threads(cfg.num_threads)
-    device = default_device()
-    dtype, dtype_note = choose_dtype(cfg.dtype, device)
-    attn = choose_attention(cfg.attn_implementation, dtype, device)
-    base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed, cfg.backbone_dropout)
-    torch.manual_seed(cfg.seed)
-    model = AdapterModel(base, cfg.lora, cfg.rank, device)
-    initial = model.state()
+    model, initial, tokenizer, dtype_note, attn, threads = build_model(cfg, space)
 
     train_store, train_index = build_store(tokenizer, tasks, space, cfg.data.max_length, "train")
     client_rows = [[train_index[t][parts[t][k]] for t in range(len(tasks))] for k in range(cfg.partition.n_clients)]
@@ -73,3 +99,46 @@ def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experim
     strategy = make_strategy(cfg, initial, len(tasks), model.lora_keys)
     return Experiment(cfg, tasks, space, parts, model, train_store, jobs, strategy, evaluator, dtype_note, attn,
                       threads)
+
+
+@dataclass
+class ClientSide:
+    """What one client (a Flower SuperNode) builds for itself: its own jobs, its own tokenised rows, the model."""
+
+    cfg: RunConfig
+    client: int
+    tasks: list[Task]
+    model: AdapterModel
+    tokenizer: object
+    train_store: TokenStore
+    jobs: list[Job]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def build_client(cfg: RunConfig, client: int, shared: tuple | None = None,
+                 tasks: list[Task] | None = None) -> ClientSide:
+    """The client ``client``'s side of the run, built from the config alone (no server, no other client's rows).
+
+    Every node reads the task descriptions (the partition needs each task's size, labels and owners, and
+    is a pure function of them and the seed), then tokenises only its own rows. Its store holds them in the
+    order :func:`build_experiment` has them, so its batches are exactly those of the in-process run.
+    ``shared``: the (model, tokenizer) of another client of the same run in this process, reused (clients
+    share the frozen backbone, as in the in-process engine; each job loads its own start adapter); ``tasks``:
+    the run's tasks, when already loaded in this process.
+    """
+    tasks = tasks if tasks is not None else load_tasks(cfg.data)
+    space = LabelSpace.of(tasks)
+    parts = build_partition(cfg, tasks)
+    if shared is None:
+        model, _, tokenizer, _, _, _ = build_model(cfg, space)
+    else:
+        model, tokenizer = shared
+    own = [parts[t][client] for t in range(len(tasks))]
+    store, index = build_store(tokenizer, tasks, space, cfg.data.max_length, "train", own)
+    empty = [np.zeros(0, dtype=np.int64)] * len(tasks)
+    rows = [index if k == client else empty for k in range(cfg.partition.n_clients)]
+    jobs = [j for j in plan_jobs(cfg.method, rows, cfg.train.local_steps) if j.client == client]
+    return ClientSide(cfg, client, tasks, model, tokenizer, store, jobs)

@@ -77,14 +77,17 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records, one JSON object per line, and flush them to disk."""
+    """Append records, one JSON object per line, atomically: the file is rewritten whole (its lines,
+    then the new ones) through :func:`atomic_write_bytes`, so a kill leaves the old file or the new
+    one, never a torn last line. Files here are a run's logs (a few MB at most), so the copy is cheap."""
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     if not lines:
         return
-    with open(path, "a") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    atomic_write_bytes(path, old + lines.encode())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

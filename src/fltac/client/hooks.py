@@ -26,6 +26,10 @@ class Hook:
     def extras(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def outgoing(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What of the trained adapter is sent: all of it, unless the method uploads a part (e.g. HAFL)."""
+        return state
+
 
 #: Broadcast config key -> hook factory(value, start adapter). Methods register theirs here.
 HOOKS: dict[str, callable] = {}
@@ -36,3 +40,8 @@ def make_hooks(config: dict, start: dict[str, torch.Tensor]) -> list[Hook]:
     if unknown:
         raise ValueError(f"broadcast config has keys no client hook understands: {unknown}")
     return [HOOKS[k](v, start) for k, v in sorted(config.items())]
+
+
+# Hook modules register themselves in HOOKS on import (kept last: they import Hook from here).
+from fltac.client import importance  # noqa: E402,F401  (hafl_importance, hafl_train_only)
+from fltac.client import proximal, svd_importance  # noqa: E402,F401  (proximal_mu, svd_anneal)

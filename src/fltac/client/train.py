@@ -5,8 +5,8 @@ returns the trained adapter with its sample count. What a job is depends only on
 organises a client's adapters (:func:`plan_jobs`):
 
 - ``fltac``: one job per task the client holds (one adapter each), ``local_steps`` steps each;
-- ``fedit``: one job over all its tasks mixed (one shared adapter), ``local_steps x n_tasks`` steps,
-  the same total as FL-TAC gives that client;
+- ``fedit`` (and ``hafl``, ``hetlora``, ``safedlora``, ``fedavg_full``): one job over all its tasks
+  mixed (one shared adapter), ``local_steps x n_tasks`` steps, the same total as FL-TAC gives that client;
 - ``centralized``: one pooled client, one job per task with ``local_steps x (clients holding it)``
   steps, the same total per task as the federated runs.
 
@@ -40,6 +40,10 @@ class Job:
         return int(len(self.rows))
 
 
+#: Methods whose clients hold one adapter over all their data (FedIT's layout).
+ONE_ADAPTER_METHODS = ("fedit", "hafl", "hetlora", "safedlora", "fedavg_full")
+
+
 def plan_jobs(method: str, client_rows: list[list[np.ndarray]], local_steps: int) -> list[Job]:
     """All jobs of all clients. ``client_rows[k][t]``: store rows of task ``t`` held by client ``k``."""
     jobs = []
@@ -53,7 +57,7 @@ def plan_jobs(method: str, client_rows: list[list[np.ndarray]], local_steps: int
         held = [t for t, r in enumerate(rows) if len(r)]
         if not held:
             continue
-        if method == "fedit":
+        if method in ONE_ADAPTER_METHODS:
             jobs.append(Job(k, "a0", tuple(held), np.concatenate([rows[t] for t in held]), local_steps * len(held)))
         else:
             jobs.extend(Job(k, f"a{i}", (t,), rows[t], local_steps) for i, t in enumerate(held))
@@ -85,7 +89,7 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
     rng = np.random.default_rng(seed)
     model.load(start)
     model.model.train()
-    opt = torch.optim.AdamW(model.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses, tokens = [], 0
     for rows in sample_batches(job.rows, job.steps, cfg.batch_size, rng):
         batch = store.batch(rows)

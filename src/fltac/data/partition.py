@@ -6,11 +6,16 @@ renormalised; a random permutation of the task's training rows is then cut into 
 ``count_k`` rows. Counts are the floor of ``p_k * n`` with the remainder handed, one row each, to the
 clients with the largest fractional parts among those with ``p_k > 0``: a client whose share is zero
 receives exactly zero rows, and the counts add up to ``n``.
+
+A task whose data names its owners (a custom task's ``client_column``) is not split this way: its
+rows go to their owner's client (:func:`owner_clients`, :func:`partition_by_owner`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from fltac.config import ConfigError
 
 
 def client_counts(shares: np.ndarray, n: int) -> np.ndarray:
@@ -47,6 +52,34 @@ def partition_all(task_sizes: list[int], n_clients: int, alpha: float, min_frac:
     return [partition_task(n, n_clients, alpha, min_frac, seed + t) for t, n in enumerate(task_sizes)]
 
 
+def partition_label_skew(labels: np.ndarray, n_clients: int, alpha: float, min_frac: float,
+                         seed: int) -> list[np.ndarray]:
+    """Row indices of one task for each client, skewed by label (``partition.kind: label_skew``).
+
+    For every class ``c`` (in sorted order) its own generator, seeded with ``[seed, c]``, draws
+    ``p ~ Dir(alpha)`` over the clients with the same ``min_frac`` rule and largest-remainder counts as
+    :func:`partition_task`, and cuts a permutation of that class's rows into blocks: each client gets a
+    different mix of classes, and every row goes to exactly one client.
+    """
+    labels = np.asarray(labels)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng = np.random.default_rng([seed, int(c)])
+        counts = client_counts(dirichlet_shares(rng, n_clients, alpha, min_frac), len(rows))
+        perm = rows[rng.permutation(len(rows))]
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for k in range(n_clients):
+            parts[k].append(perm[bounds[k]:bounds[k + 1]])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+def partition_all_label_skew(task_labels: list[np.ndarray], n_clients: int, alpha: float, min_frac: float,
+                             seed: int) -> list[list[np.ndarray]]:
+    """``parts[t][k]`` under label skew, task ``t`` seeded with ``seed + t`` (as :func:`partition_all`)."""
+    return [partition_label_skew(y, n_clients, alpha, min_frac, seed + t) for t, y in enumerate(task_labels)]
+
+
 def partition_table(parts: list[list[np.ndarray]]) -> np.ndarray:
     """Counts ``[client, task]``."""
     return np.array([[len(parts[t][k]) for t in range(len(parts))] for k in range(len(parts[0]))], dtype=np.int64)
@@ -59,3 +92,28 @@ def format_table(table: np.ndarray, task_names: list[str]) -> str:
     total = "total " + "".join(f"{v:>{width}}" for v in table.sum(0)) + f"{table.sum():>{width}}"
     rule = "-" * len(head)
     return "\n".join([head, rule, *rows, rule, total])
+
+
+def owner_clients(owners_per_task: list[list[str] | None], task_names: list[str], n_clients: int) -> dict[str, int]:
+    """Natural federated data: each distinct owner (author, site, device) of the owned tasks is one client.
+
+    The distinct values of every task's client column (``None`` for a Dirichlet task), pooled and sorted
+    as strings, are clients ``0..n-1``, so an owner that appears in two tasks is one client holding both.
+    ``n`` must equal ``n_clients``: merging or splitting owners would change what the data says.
+    """
+    owned = [(name, owners) for name, owners in zip(task_names, owners_per_task) if owners is not None]
+    if not owned:
+        return {}
+    values = sorted({v for _, owners in owned for v in owners})
+    if len(values) != n_clients:
+        shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise ConfigError(f"the client columns of task(s) {[n for n, _ in owned]} name {len(values)} distinct "
+                          f"client(s) ({shown}) but partition.n_clients is {n_clients}: set partition.n_clients: "
+                          f"{len(values)}")
+    return {v: k for k, v in enumerate(values)}
+
+
+def partition_by_owner(owners: list[str], client_of: dict[str, int], n_clients: int) -> list[np.ndarray]:
+    """Row indices of one task for each client: row ``i`` goes to ``client_of[owners[i]]``."""
+    ids = np.array([client_of[v] for v in owners], dtype=np.int64)
+    return [np.flatnonzero(ids == k) for k in range(n_clients)]

@@ -4,10 +4,19 @@ One round: sample clients -> for each job, the strategy names its start adapter,
 -> the strategy aggregates -> evaluate when due -> write metrics, adapters and a checkpoint. The loop
 knows no method: methods differ only in their jobs (client side) and strategy (server side).
 
-Resume contract: at the end of every round, ``checkpoint/`` gets the strategy's state and the line
-counts of the jsonl files, written atomically (tensors first, then the JSON that points at them).
-Every random draw is derived from (seed, round, client, key), never from a generator carried across
-rounds, so ``--resume`` after a kill at any instant reproduces the uninterrupted run bit for bit.
+Resume contract: at the end of every round, ``checkpoint/`` gets the strategy's state (global
+adapters, the cluster of every (client, key), whatever else the method learned), the process's RNG
+states and the line counts of the jsonl files, written atomically (tensors first, then the JSON that
+points at them). Every random draw is derived from (seed, round, client, key), never from a generator
+carried across rounds, so ``--resume`` after a kill at any instant reproduces the uninterrupted run
+bit for bit. No client-side state outlives a round here (a fresh optimizer per job; a job's cluster
+is kept by the strategy), so there is none to save.
+
+Failing clients (see :mod:`fltac.engines.faults`): a client that raises or runs past
+``reliability.client_timeout_s`` is dropped for the round; every submission is then checked
+(:func:`fltac.server.robust.screen`) before the strategy sees it. Each lost adapter is logged to
+``metrics.jsonl`` as ``{"phase": "dropped", "round", "client", "key", "kind", "reason"}``; too few
+surviving clients stop the run (:class:`TooFewClients`).
 """
 
 from __future__ import annotations
@@ -15,31 +24,40 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fltac import io
+from fltac import io, rng
 from fltac.client.hooks import make_hooks
 from fltac.client.train import job_seed, train_job
-from fltac.config import RunConfig
+from fltac.config import ConfigError, RunConfig, from_dict
+from fltac.engines.faults import required_clients, run_client, tamper
+from fltac.eval.progress import Progress, eta, format_seconds
 from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import state_bytes
 from fltac.models.backbone import cpu_model
 from fltac.server.aggregate import clustering_scores
+from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
 from fltac.server.strategies import Submission
 
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
 CHECKPOINT = "checkpoint"
 #: What a run writes into output_dir; all of it is removed by --overwrite, nothing else is.
-RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json")
+TASKS = "tasks.json"  # per task: name, label names, offset in the shared output layer (for export)
+RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard")
 #: Config keys that may differ between a run and its resume: they do not change any result.
 RESUME_FREE_KEYS = {"output_dir"}
 
 
 class RunError(RuntimeError):
     """A run that cannot start or go on, with the reason."""
+
+
+class TooFewClients(RunError):
+    """Fewer clients than ``reliability.min_clients_per_round`` (or its fraction) survived a round."""
 
 
 def sample_clients(cfg: RunConfig, round_: int, clients: list[int]) -> list[int]:
@@ -62,14 +80,111 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _with_defaults(snapshot: dict) -> dict:
+    """A checkpoint's config with keys added since it was written set to their defaults, so a run made
+    before a new option existed still resumes (when it uses the default); unreadable snapshots are kept as-is."""
+    try:
+        return from_dict(snapshot).to_dict()
+    except ConfigError:
+        return snapshot
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files (``.<name>.<random>.tmp``) a kill left behind in the run's folders."""
+    for folder in (out, out / CHECKPOINT, out / "adapters"):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class ClientResult:
+    """One client's round, as its side sees it: what goes into metrics.jsonl and what it uploads.
+
+    ``records``: its local losses, injected faults and (if it failed) one 'dropped' line per adapter, in
+    the order the engine logs them. ``uploads``: ``(key, adapter, num_examples, extras)`` per adapter it
+    sends; empty when it failed.
+    """
+
+    records: list[dict] = field(default_factory=list)
+    uploads: list[tuple] = field(default_factory=list)
+    tokens: int = 0
+    failed: bool = False
+
+
+class _NoBar:
+    def step(self, n: int = 1, note: str = "") -> None:
+        pass
+
+
+def sent_part(b) -> dict:
+    """The part of the broadcast adapter that matches what the client uploads (HAFL: a slice), i.e. the
+    start of the update the server screens and merges: ``b.state`` through every hook's ``outgoing``."""
+    start = b.state
+    for h in make_hooks(b.config, b.state):
+        start = h.outgoing(start)
+    return start
+
+
+def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list, broadcasts: dict,
+                 task_names: list[str], bar=None) -> ClientResult:
+    """Train one client's jobs of round ``r`` from its broadcasts, under its injected faults and time limit.
+
+    The client side of a round, shared by every engine: the in-process engine calls it for each client
+    in turn on its one model; the Flower ClientApp calls it on the SuperNode's own model and data
+    (:mod:`fltac.engines.flower`). A client that raises or runs late is dropped whole for the round
+    (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
+    """
+    rel, bar = cfg.reliability, bar or _NoBar()
+    out = ClientResult()
+
+    def train(job):
+        b = broadcasts[job.key]
+        hooks = make_hooks(b.config, b.state)
+        state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
+                                         job_seed(cfg.seed, r, job.client, job.key), hooks)
+        for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
+            state = h.outgoing(state)
+        bar.step(note=f"client {job.client}")
+        return state, losses, n_tok, {k: v for h in hooks for k, v in h.extras().items()}
+
+    outcome = run_client(client, cjobs, train, rel, cfg.seed, r)
+    if outcome.injected is not None:
+        out.records.append({"phase": "injected", "round": r, "client": client,
+                            "key": cjobs[outcome.injected.at].key, "fault": outcome.injected.kind})
+    for job, (state, losses, n_tok, extras) in outcome.done:
+        out.tokens += n_tok
+        task = "+".join(task_names[t] for t in job.tasks)
+        out.records.extend({"phase": "local", "round": r, "client": job.client, "key": job.key, "task": task,
+                            "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
+                           for i, loss in enumerate(losses))
+    if outcome.kind is not None:
+        bar.step(len(cjobs) - len(outcome.done), note=f"client {client} dropped")
+        out.records.extend({"phase": "dropped", "round": r, "client": client, "key": j.key,
+                            "kind": outcome.kind, "reason": outcome.reason} for j in cjobs)
+        out.failed = True
+        return out
+    for job, (state, losses, n_tok, extras) in outcome.done:
+        state, notes = tamper(rel, cfg.seed, r, client, job.key, state)
+        out.records.extend({"phase": "injected", "round": r, "client": client, "key": job.key, "fault": note}
+                           for note in notes)
+        out.uploads.append((job.key, state, job.num_examples, extras))
+    return out
+
+
 class InProcessEngine:
-    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
+                 log: tuple[str, ...] = ()):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.resume = resume
         self.overwrite = overwrite
         self.tasks = tasks
         self.quiet = quiet
+        self.sinks = tuple(log)  # extra metric streams ('tensorboard'); metrics.jsonl is always written
+        self.tb = None
+
+    def progress(self, label: str, total: int) -> Progress:
+        return Progress(label, total, enabled=not self.quiet)
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -86,11 +201,12 @@ class InProcessEngine:
 
     def _save_checkpoint(self, exp: Experiment, round_: int, counters: dict) -> None:
         tensors, strategy_meta = exp.strategy.state_dict()
+        rng_meta, rng_tensors = rng.capture()
         folder = self.out / CHECKPOINT
         name = f"round_{round_}.safetensors"
-        io.save_tensors(folder / name, tensors)
+        io.save_tensors(folder / name, {**tensors, **rng_tensors})
         io.write_json(folder / "latest.json", {"round": round_, "tensors_file": name, "strategy": strategy_meta,
-                                               "config": self.cfg.to_dict(), **counters})
+                                               "rng": rng_meta, "config": self.cfg.to_dict(), **counters})
         for old in folder.glob("round_*.safetensors"):
             if old.name != name:
                 old.unlink()
@@ -98,7 +214,8 @@ class InProcessEngine:
     def _prepare_output(self) -> dict | None:
         ckpt = self._load_checkpoint() if self.resume else None
         if ckpt is not None:
-            changed = _flat_diff(ckpt["config"], self.cfg.to_dict())
+            _remove_stale_temporaries(self.out)
+            changed = _flat_diff(_with_defaults(ckpt["config"]), self.cfg.to_dict())
             if changed:
                 raise RunError(f"cannot resume {self.out}: config key(s) {changed} differ from the run's snapshot "
                                f"({self.out / 'config.json'})")
@@ -130,16 +247,27 @@ class InProcessEngine:
                  f"{len(exp.jobs)} adapters trained per round, rank {cfg.rank}")
         self.log(f"[fltac] dtype {exp.dtype_note}; attention {exp.attn}; {exp.threads} threads; CPU {cpu_model()}")
         counters = {"metrics_lines": 0, "cluster_lines": 0, "uplink_bytes": 0, "downlink_bytes": 0,
-                    "wall_seconds": 0.0, "train_tokens": 0, "last_eval": None}
+                    "wall_seconds": 0.0, "train_tokens": 0, "last_eval": None, "dropped": 0}
         start_round = 1
         if ckpt is not None:
+            problem = slots_problem(ckpt["tensors"], spec_of(exp.strategy.initial), exp.strategy.n_slots)
+            if problem:
+                raise io.AdapterFileError(f"{self.out / CHECKPOINT / ckpt['tensors_file']}: {problem}")
             exp.strategy.load_state_dict(ckpt["tensors"], ckpt["strategy"])
-            counters = {k: ckpt[k] for k in counters}
+            rng.restore(ckpt.get("rng", {}), ckpt["tensors"])
+            counters = {k: ckpt.get(k, v) for k, v in counters.items()}
             io.truncate_jsonl(self.out / METRICS, counters["metrics_lines"])
             io.truncate_jsonl(self.out / CLUSTERS, counters["cluster_lines"])
             start_round = ckpt["round"] + 1
             self.log(f"[fltac] resuming {self.out} after round {ckpt['round']}")
         io.write_json(self.out / "config.json", cfg.to_dict())
+        io.write_json(self.out / TASKS, [{"name": t.name, "offset": exp.space.offsets[i], "labels": t.labels,
+                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts)}
+                                         for i, t in enumerate(exp.tasks)])
+        if "tensorboard" in self.sinks:
+            from fltac.eval.tensorboard import TensorBoardSink
+
+            self.tb = TensorBoardSink(self.out / "tensorboard")
         setup_seconds = time.perf_counter() - t_start
 
         for r in range(start_round, cfg.train.rounds + 1):
@@ -154,16 +282,23 @@ class InProcessEngine:
             metrics.append(round_info)
             io.append_jsonl(self.out / METRICS, metrics)
             io.append_jsonl(self.out / CLUSTERS, clusters)
+            if self.tb is not None:
+                self.tb.write(metrics)
             counters["metrics_lines"] += len(metrics)
             counters["cluster_lines"] += len(clusters)
             counters["uplink_bytes"] += round_info["uplink_bytes"]
             counters["downlink_bytes"] += round_info["downlink_bytes"]
             counters["train_tokens"] += round_info["train_tokens"]
+            counters["dropped"] += round_info["dropped"]
             counters["wall_seconds"] += seconds + (setup_seconds if r == start_round else 0.0)
             tensors, _ = exp.strategy.state_dict()
             io.save_tensors(self.out / "adapters" / f"round_{r}.safetensors", tensors)
             self._save_checkpoint(exp, r, counters)
-            self.log(self.round_line(r, round_info, clusters, counters["last_eval"]))
+            left = eta(r - start_round + 1, cfg.train.rounds - start_round + 1, time.perf_counter() - t_start)
+            self.log(self.round_line(r, round_info, clusters, counters["last_eval"])
+                     + (f" | run ETA {format_seconds(left)}" if r < cfg.train.rounds else ""))
+        if self.tb is not None:
+            self.tb.close()
         summary = self.summary(exp, counters)
         io.write_json(self.out / "summary.json", summary)
         self.log(format_table(summary))
@@ -173,38 +308,100 @@ class InProcessEngine:
         cfg = self.cfg
         clients = sample_clients(cfg, r, sorted({j.client for j in exp.jobs}))
         jobs = [j for j in exp.jobs if j.client in set(clients)]
-        subs, metrics, sent = [], [], {}
-        tokens, t_train = 0, time.perf_counter()
-        for job in jobs:
-            sent_to_job = exp.strategy.configure(r, job.client, job.key)
-            start = sent_to_job.state
-            sent.setdefault(job.client, {})[id(start)] = state_bytes(start)
-            hooks = make_hooks(sent_to_job.config, start)
-            state, losses, n_tok = train_job(exp.model, start, exp.train_store, job, cfg.train,
-                                             job_seed(cfg.seed, r, job.client, job.key), hooks)
-            tokens += n_tok
-            extras = {k: v for h in hooks for k, v in h.extras().items()}
-            subs.append(Submission(job.client, job.key, state, job.num_examples, start, extras))
-            task = "+".join(exp.task_names[t] for t in job.tasks)
-            metrics.extend({"phase": "local", "round": r, "client": job.client, "key": job.key, "task": task,
-                            "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
-                           for i, loss in enumerate(losses))
+        metrics, sent = [], {}
+        t_train = time.perf_counter()
+        starts = {(j.client, j.key): exp.strategy.assignment_.get((j.client, j.key)) for j in jobs}
+        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapters trained", len(jobs))
+        received, tokens, expected = self._run_clients(exp, r, jobs, len(clients), metrics, sent, bar)
+        bar.close()
         train_seconds = time.perf_counter() - t_train
+        subs, bound = self._screen(r, len(clients), received, expected, metrics)
         assigned = exp.strategy.aggregate(r, subs)
+        if cfg.method == "fltac" and r in (1, cfg.train.rounds):
+            self._save_submissions(exp, r, subs, starts)
         clusters = []
         if cfg.method == "fltac":
             rows = [{"client": j.client, "key": j.key, "task": exp.task_names[j.tasks[0]],
-                     "cluster": assigned[(j.client, j.key)], "n": j.num_examples} for j in jobs]
-            scores = clustering_scores([j.tasks[0] for j in jobs], [row["cluster"] for row in rows])
+                     "cluster": assigned[(j.client, j.key)], "n": j.num_examples}
+                    for j in jobs if (j.client, j.key) in assigned]
+            scores = clustering_scores([j.tasks[0] for j in jobs if (j.client, j.key) in assigned],
+                                       [row["cluster"] for row in rows])
             clusters.append({"round": r, "assignments": rows, **scores})
-        info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(subs),
-                "uplink_bytes": sum(state_bytes(s.state) + state_bytes(s.extras) for s in subs),
+        local = [m for m in metrics if m["phase"] == "local"]
+        info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(received),
+                "accepted": len(subs), "dropped": len(jobs) - len(subs), "norm_bound": bound,
+                "uplink_bytes": sum(state_bytes(s.state) + state_bytes(s.extras) for s in received),
                 "downlink_bytes": sum(sum(per.values()) for per in sent.values()),
                 "train_tokens": tokens, "train_seconds": round(train_seconds, 3),
-                "mean_local_loss": float(np.mean([m["loss"] for m in metrics])) if metrics else None}
+                "mean_local_loss": float(np.mean([m["loss"] for m in local])) if local else None}
         if clusters:
             info.update({k: clusters[0][k] for k in ("clustering_accuracy", "ari", "nmi")})
+        info.update(exp.strategy.round_metrics())
         return metrics, clusters, info
+
+    def _run_clients(self, exp: Experiment, r: int, jobs: list, n_sampled: int, metrics: list[dict], sent: dict,
+                     bar) -> tuple[list[Submission], int, dict]:
+        """Train the sampled clients' jobs, client by client, each under its injected faults and time limit.
+
+        Returns (the submissions the server received, tokens trained, the layout each (client, key) must
+        send). Local losses, injected faults and failed clients are appended to ``metrics``; the bytes each
+        client was sent go into ``sent``. A client that raises or runs late is dropped whole for the round
+        (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
+        """
+        cfg, rel = self.cfg, self.cfg.reliability
+        need = required_clients(rel, n_sampled)
+        if need > n_sampled:
+            raise RunError(f"config key 'reliability.min_clients_per_round' = {rel.min_clients_per_round} exceeds "
+                           f"the {n_sampled} client(s) sampled per round: every round would stop")
+        by_client: dict[int, list] = {}
+        for job in jobs:
+            by_client.setdefault(job.client, []).append(job)
+        subs, tokens, expected = [], 0, {}
+        for client, cjobs in by_client.items():
+            broadcasts = {j.key: exp.strategy.configure(r, client, j.key) for j in cjobs}
+            for key, b in broadcasts.items():
+                sent.setdefault(client, {})[id(b.state)] = state_bytes(b.state)
+                expected[(client, key)] = exp.strategy.expected_spec(client, key, b)
+
+            result = train_client(exp.model, exp.train_store, cfg, r, client, cjobs, broadcasts, exp.task_names, bar)
+            metrics.extend(result.records)
+            tokens += result.tokens
+            subs.extend(Submission(client, key, state, n, sent_part(broadcasts[key]), extras)
+                        for key, state, n, extras in result.uploads)
+        return subs, tokens, expected
+
+    def _screen(self, r: int, n_sampled: int, received: list[Submission], expected: dict,
+                metrics: list[dict]) -> tuple[list[Submission], float | None]:
+        """The submissions the strategy may see, and the round's update-norm bound (None when not validating).
+
+        With ``reliability.validate``, each submission must pass :func:`fltac.server.robust.screen` (and
+        its extras be finite); a rejected one is a dropped client, logged with its reason. Stops the run
+        (:class:`TooFewClients`) when fewer clients than required have an accepted submission left.
+        """
+        rel = self.cfg.reliability
+        accepted, bound = received, None
+        if rel.validate and received:
+            reasons, bound = screen([s.state for s in received], [s.start for s in received],
+                                    [expected[(s.client, s.key)] for s in received], rel.norm_bound_factor,
+                                    rel.norm_bound)
+            reasons = [why or (f"extras {finite_problem(s.extras)}" if finite_problem(s.extras) else None)
+                       for why, s in zip(reasons, received)]
+            metrics.extend({"phase": "dropped", "round": r, "client": s.client, "key": s.key, "kind": "invalid",
+                            "reason": f"invalid: {why}"} for s, why in zip(received, reasons) if why)
+            accepted = [s for s, why in zip(received, reasons) if why is None]
+            bound = bound if np.isfinite(bound) else None
+        survivors = {s.client for s in accepted}
+        need = required_clients(rel, n_sampled)
+        if len(survivors) < need:
+            io.append_jsonl(self.out / METRICS, metrics)  # the failed round's records, for the post-mortem
+            dropped = [m for m in metrics if m["phase"] == "dropped"]
+            listing = "; ".join(f"client {m['client']} {m['key']}: {m['reason']}" for m in dropped[:4])
+            more = f"; and {len(dropped) - 4} more in {self.out / METRICS}" if len(dropped) > 4 else ""
+            raise TooFewClients(
+                f"round {r}: only {len(survivors)} of {n_sampled} sampled client(s) have an accepted adapter, "
+                f"fewer than the {need} required (reliability.min_clients_per_round = {rel.min_clients_per_round}, "
+                f"reliability.min_fraction_per_round = {rel.min_fraction_per_round:g}); dropped: {listing}{more}")
+        return accepted, bound
 
     def served_slots(self, exp: Experiment) -> list[int]:
         """Per task, the slot holding most of its assigned training samples (the adapter that serves it)."""
@@ -221,13 +418,18 @@ class InProcessEngine:
         """Per task: the serving global adapter's accuracy, and the personalised accuracy (each client's own
         assigned adapter on its share of the task, weighted by that share)."""
         cache: dict[tuple[int, int], float] = {}
+        served = self.served_slots(exp)
+        needed = {(s, t) for t, s in enumerate(served)} | {
+            (exp.strategy.assignment_[(j.client, j.key)], t) for j in exp.jobs
+            if (j.client, j.key) in exp.strategy.assignment_ for t in j.tasks}
+        bar = self.progress(f"round {r}: evaluated (adapter, task) pairs", len(needed))
 
         def acc(slot: int, t: int) -> float:
             if (slot, t) not in cache:
                 cache[(slot, t)] = exp.evaluator.accuracy(exp.strategy.slots_[slot], t)
+                bar.step(note=exp.task_names[t])
             return cache[(slot, t)]
 
-        served = self.served_slots(exp)
         records = []
         for t, name in enumerate(exp.task_names):
             num, den = 0.0, 0.0
@@ -238,13 +440,30 @@ class InProcessEngine:
                     num, den = num + n * acc(slot, t), den + n
             records.append({"phase": "eval", "round": r, "task": name, "slot": served[t],
                             "accuracy": acc(served[t], t), "personalized_accuracy": num / den if den else None})
+        bar.close()
         return records
+
+    def _save_submissions(self, exp: Experiment, r: int, subs: list[Submission], starts: dict) -> None:
+        """The adapters clients submitted in round ``r`` (FL-TAC, first and last round), for the report's projection.
+
+        Keys ``<client>/<key>/<tensor>``. The JSON beside it gives the slot each job started from (-1: the
+        initial adapter, then saved as ``initial/<tensor>``), so a reader can rebuild the updates K-means saw.
+        """
+        tensors = {f"{s.client}/{s.key}/{k}": v for s in subs for k, v in s.state.items()}
+        start_rows = [[s.client, s.key, -1 if starts.get((s.client, s.key)) is None else starts[(s.client, s.key)]]
+                      for s in subs]
+        if any(row[2] == -1 for row in start_rows):
+            tensors.update({f"initial/{k}": v for k, v in exp.strategy.initial.items()})
+        io.save_tensors(self.out / "adapters" / f"submissions_round_{r}.safetensors", tensors)
+        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json", {"round": r, "starts": start_rows})
 
     def round_line(self, r: int, info: dict, clusters: list[dict], evals: list[dict] | None) -> str:
         parts = [f"round {r}/{self.cfg.train.rounds}", f"loss {info['mean_local_loss']:.3f}",
                  f"up {info['uplink_bytes'] / 1e6:.2f} MB"]
         if clusters:
             parts.append(f"clustering acc {clusters[0]['clustering_accuracy']:.3f}")
+        if info.get("dropped"):
+            parts.append(f"{info['dropped']} adapter(s) dropped")
         if evals and evals[0]["round"] == r:
             parts.append(f"mean acc {np.mean([e['accuracy'] for e in evals]):.4f}")
         tok_s = info["train_tokens"] / max(info["train_seconds"], 1e-9)
@@ -275,6 +494,7 @@ class InProcessEngine:
             "lora_rank": self.cfg.rank,
             "rounds": self.cfg.train.rounds,
             "train_tokens": counters["train_tokens"],
+            "dropped_submissions": counters["dropped"],
             "wall_seconds": round(counters["wall_seconds"], 2),
             "dtype": exp.dtype_note,
             "cpu": cpu_model(),
@@ -296,5 +516,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False) -> dict:
-    return InProcessEngine(cfg, resume=resume, overwrite=overwrite, tasks=tasks, quiet=quiet).run()
+def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
+        log: tuple[str, ...] = ()) -> dict:
+    return InProcessEngine(cfg, resume=resume, overwrite=overwrite, tasks=tasks, quiet=quiet, log=log).run()

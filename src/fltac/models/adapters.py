@@ -81,6 +81,10 @@ class AdapterModel:
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups: one, at the optimizer's learning rate."""
+        return [{"params": list(self.params.values())}]
+
     def state(self) -> dict[str, torch.Tensor]:
         """A float32 CPU copy of the adapter now in the model."""
         return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}

@@ -15,7 +15,8 @@ import torch
 
 from fltac.config import RunConfig
 from fltac.models.adapters import flatten
-from fltac.server.aggregate import State, kmeans_labels, match_to_previous, subtract, weighted_mean
+from fltac.server.aggregate import State, kmeans_labels, match_to_previous, subtract
+from fltac.server.robust import Aggregation, Spec, spec_of
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Strategy:
     """Base: slots of global adapters, each job starting from the slot it was last assigned."""
 
     name = "base"
+    #: How the members of one slot are combined (``reliability.aggregation``; set by :func:`make_strategy`).
+    aggregation: Aggregation = Aggregation()
 
     def __init__(self, initial: State, n_slots: int):
         self.initial = initial
@@ -58,16 +61,28 @@ class Strategy:
         """What ``client`` receives for its adapter ``key`` in ``round_``; methods add hook settings."""
         return Broadcast(self.start_state(client, key))
 
+    def round_metrics(self) -> dict:
+        """Method-specific numbers for the round's metrics record (e.g. a rank budget), after ``aggregate``."""
+        return {}
+
+    def expected_spec(self, client: int, key: str, sent: Broadcast) -> Spec:
+        """The layout ``{tensor: (shape, dtype)}`` a submission for (client, key) must have: by default
+        that of the adapter the client was sent (which carries the method's tensors and its rank)."""
+        return spec_of(sent.state)
+
     def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
         """Merge ``subs`` into the slots; return the slot each submission was assigned."""
         raise NotImplementedError
 
     def _merge(self, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
-        """Sample-weighted FedAvg inside each slot; a slot that got no submission keeps its adapter."""
+        """Combine the members of each slot with ``self.aggregation`` (sample-weighted FedAvg by default;
+        coordinate-wise median or trimmed mean, optionally after update-norm clipping: see
+        :mod:`fltac.server.robust`); a slot that got no submission keeps its adapter."""
         slots = list(self.slots_)
         for s in sorted(set(slot_of)):
             members = [sub for sub, c in zip(subs, slot_of) if c == s]
-            slots[s] = weighted_mean([m.state for m in members], [m.num_examples for m in members])
+            slots[s] = self.aggregation([m.state for m in members], [m.start for m in members],
+                                        [m.num_examples for m in members])
         self.slots_ = slots
         assigned = {(sub.client, sub.key): int(c) for sub, c in zip(subs, slot_of)}
         self.assignment_.update(assigned)
@@ -130,6 +145,14 @@ class FLTAC(Strategy):
     submissions than K), or a slot is matched by no cluster, that slot keeps its previous adapter.
     Each (client, key) starts the next round from the slot its submission was assigned; a job that
     missed a round keeps its last assignment, and one never seen starts from the initial adapter.
+
+    Failed clients: only accepted submissions reach ``aggregate`` (the engine drops crashed, late and
+    rejected ones first). A (client, key) that missed a round (its client failed, or its adapter was
+    rejected) keeps its last cluster assignment and starts the next round from that slot's adapter.
+    A cluster that receives no submission in a round (no accepted submission was matched to its
+    slot) keeps its adapter unchanged, and the jobs assigned to it keep being sent that adapter;
+    it is updated again in the first round some submission is matched to it. Robust rules
+    (``reliability.aggregation``) run inside each cluster, after K-means.
     """
 
     name = "fltac"
@@ -177,10 +200,25 @@ class FLTAC(Strategy):
 
 
 def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Strategy:
+    strategy = _make_method_strategy(cfg, initial, n_tasks, lora_keys)
+    rel = cfg.reliability
+    strategy.aggregation = Aggregation(rel.aggregation, rel.trim_fraction, rel.clip_norm)
+    return strategy
+
+
+def _make_method_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Strategy:
     if cfg.method == "fedit":
         return FedAvg(initial)
     if cfg.method == "centralized":
         return Centralized(initial, n_tasks)
+    if cfg.method in ("safedlora", "fedavg_full"):  # stages, full fine-tuning: see fltac.server.safedlora
+        from fltac.server.safedlora import make_sa_strategy
+
+        return make_sa_strategy(cfg, initial)
+    if cfg.method in ("hafl", "hetlora"):  # heterogeneous ranks, rank-1 aggregation: see fltac.server.hafl
+        from fltac.server.hafl import make_hafl
+
+        return make_hafl(cfg, initial)
     keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
                  cfg.server.kmeans_n_init, cfg.server.cluster_normalize)

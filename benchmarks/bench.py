@@ -1,0 +1,236 @@
+"""Speed benchmark: prints what this machine can do and how close fltac's local training gets to it.
+
+    .venv/bin/python benchmarks/bench.py            # full (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench.py --quick    # smaller sizes, for a smoke check
+
+Measures, in one process (memory in subprocesses): the CPU and the capability torch reports; fp32 and
+bf16 matmul peaks at the backbone's shapes; the dtype ``dtype: auto`` picks; training tokens/s and
+model-FLOPs utilisation (MFU) of the local-training step at the text5 default's batch shape, for both
+dtypes; seconds per round of the text5 default, and of the same round done the FL-TAC reference
+code's way; peak memory for 10/100/1,000 simulated clients; server aggregation time (flatten +
+K-means + cluster FedAvg) for 100/1,000/10,000 adapters. The last line printed is the JSON.
+
+MFU = achieved FLOP/s / the FASTEST measured matmul peak (whichever dtype gives it), counting per
+training token 4 x (non-embedding parameters) plus attention 8 x T x d per layer (forward QK^T and AV,
+2 x 2 x T x d; backward, input gradients only since the backbone is frozen, the same again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fltac.client.train import job_seed, task_loss, train_job
+from fltac.config import load_config
+from fltac.data.batches import TokenStore
+from fltac.experiment import build_experiment
+from fltac.models.backbone import bf16_support, choose_dtype, cpu_model
+from fltac.server.strategies import FLTAC, Submission
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """GFLOP/s of ``[m,k] @ [k,n]`` in ``dtype``, best of repeated timed loops."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * m * k * n / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    cfg = model.model.base_model.model.config
+    emb = sum(p.numel() for n, p in model.model.named_parameters() if "embeddings" in n and "lora" not in n)
+    base = sum(p.numel() for n, p in model.model.named_parameters() if "lora" not in n and "modules_to_save" not in n)
+    return 4 * (base - emb) + 8 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
+
+
+def train_throughput(exp, steps: int) -> tuple[float, int]:
+    """Training tokens/s of the local step on the default's batches (real rows, dynamic padding)."""
+    job = max(exp.jobs, key=lambda j: j.num_examples)
+    cfg = exp.cfg.train
+    from dataclasses import replace
+
+    short = replace(job, steps=2)
+    train_job(exp.model, exp.strategy.initial, exp.train_store, short, cfg, 0)  # warm-up
+    long = replace(job, steps=steps)
+    t0 = time.perf_counter()
+    _, _, tokens = train_job(exp.model, exp.strategy.initial, exp.train_store, long, cfg, 1)
+    return tokens / (time.perf_counter() - t0), int(np.mean(exp.train_store.lengths[job.rows]))
+
+
+def ours_round_seconds(exp) -> float:
+    t0 = time.perf_counter()
+    for job in exp.jobs:
+        train_job(exp.model, exp.strategy.initial, exp.train_store, job, exp.cfg.train,
+                  job_seed(exp.cfg.seed, 1, job.client, job.key))
+    return time.perf_counter() - t0
+
+
+def reference_round_seconds(exp_fp32, max_length: int) -> float:
+    """The FL-TAC reference code's round (siqi2000/FL-TAC trainer.py/client.py), re-implemented:
+    fp32 backbone with its pretrained dropout, every text padded to max length, per (client, task) a new
+    DataLoader (shuffle) and a new AdamW, exactly ``local_steps`` steps with ``loss.item()`` every step,
+    clients one after another."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    store: TokenStore = exp_fp32.train_store
+    model, cfg = exp_fp32.model, exp_fp32.cfg.train
+    t0 = time.perf_counter()
+    for job in exp_fp32.jobs:
+        rows = job.rows
+        ids = torch.from_numpy(store.ids[rows, :max_length].astype(np.int64))
+        mask = (torch.arange(max_length)[None, :] < torch.from_numpy(store.lengths[rows].astype(np.int64))[:, None])
+        data = TensorDataset(ids, mask.long(), torch.from_numpy(rows))
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
+        model.load(exp_fp32.strategy.initial)
+        model.model.train()
+        opt = torch.optim.AdamW(model.params.values(), lr=cfg.lr)
+        it, done = iter(loader), 0
+        while done < job.steps:
+            try:
+                b_ids, b_mask, b_rows = next(it)
+            except StopIteration:
+                it = iter(loader)
+                continue
+            batch = store.batch(b_rows.numpy())
+            loss = task_loss(model.logits(b_ids, b_mask), batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            loss.item()
+            done += 1
+        model.state()
+    return time.perf_counter() - t0
+
+
+MEMORY_SCRIPT = r"""
+import json, resource, sys, numpy as np, torch, transformers
+from fltac.config import load_config
+from fltac.data.tasks import Task
+from fltac.engines.inprocess import run
+from fltac.models.backbone import resolve_model_path
+n, model_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+rng = np.random.default_rng(0)
+words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+def texts(k): return [" ".join(rng.choice(words, 6)) for _ in range(k)]
+tasks = [Task(f"t{i}", ["a", "b"], texts(4 * n), rng.integers(0, 2, 4 * n), texts(8), rng.integers(0, 2, 8)) for i in range(2)]
+cfg = load_config(None, {"model_name": model_dir, "output_dir": out, "partition.n_clients": n, "partition.min_frac": 0.0,
+    "partition.alpha": 100.0, "train.rounds": 1, "train.local_steps": 1, "train.batch_size": 4, "eval.eval_size": 8,
+    "dtype": "float32", "data.max_length": 16})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(cfg, tasks=tasks, quiet=True)
+print(json.dumps({"clients": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def tiny_model_dir(folder: Path) -> str:
+    import transformers
+
+    from fltac.models.backbone import resolve_model_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def peak_memory(counts: list[int]) -> dict[str, float]:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_model_dir(Path(tmp) / "tiny")
+        script = Path(tmp) / "mem.py"
+        script.write_text(MEMORY_SCRIPT)
+        for n in counts:
+            res = subprocess.run([sys.executable, str(script), str(n), model, str(Path(tmp) / f"run{n}")],
+                                 capture_output=True, text=True, check=True)
+            out[str(n)] = round(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"], 1)
+    return out
+
+
+def aggregation_seconds(counts: list[int], template: dict[str, torch.Tensor], lora_keys: list[str]) -> dict[str, float]:
+    """Server time for one FL-TAC aggregation over n adapters of the default's shape (5 planted tasks)."""
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    centres = [{k: torch.randn(v.shape, generator=g) * 0.01 for k, v in template.items()} for _ in range(5)]
+    for n in counts:
+        subs = []
+        for i in range(n):
+            c = centres[i % 5]
+            state = {k: template[k] + c[k] + 0.001 * torch.randn(v.shape, generator=g) for k, v in template.items()}
+            subs.append(Submission(i, "a0", state, 10 + i % 7, template))
+        strategy = FLTAC(template, 5, lora_keys, "update", seed=0, n_init=10, normalize=True)
+        t0 = time.perf_counter()
+        strategy.aggregate(1, subs)
+        out[str(n)] = round(time.perf_counter() - t0, 2)
+        del subs
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    steps = 8 if args.quick else 24
+    result: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__}
+    native, flags = bf16_support(torch.device("cpu"))
+    result["capability"] = flags
+    result["dtype"] = choose_dtype("auto", torch.device("cpu"))[1]
+
+    overrides = {"output_dir": tempfile.mkdtemp()}
+    exp = build_experiment(load_config(ROOT / "configs/text5.yaml", overrides))
+    tokens_per_row = int(np.mean(exp.train_store.lengths))
+    m = exp.cfg.train.batch_size * exp.cfg.data.max_length
+    peaks = {}
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        peaks[name] = round(max(matmul_peak(dt, m, 384, 1536), matmul_peak(dt, m, 1536, 384),
+                                matmul_peak(dt, m, 384, 384)), 1)
+    result["matmul_peak_gflops"] = peaks
+    peak = max(peaks.values()) * 1e9
+
+    per_dtype = {}
+    for name in ("bfloat16", "float32"):
+        e = exp if exp.model.model.dtype == getattr(torch, name) else build_experiment(
+            load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": name}))
+        tok_s, seq = train_throughput(e, steps)
+        per_dtype[name] = {"train_tokens_per_s": round(tok_s), "mfu": round(tok_s * flops_per_token(e.model, seq) / peak, 4),
+                           "attention": e.attn}
+    result["training"] = per_dtype
+    chosen = "bfloat16" if "bfloat16" in result["dtype"].split(" ")[0] else "float32"
+    result["mfu"] = per_dtype[chosen]["mfu"]
+
+    result["round_seconds"] = round(ours_round_seconds(exp), 1)
+    ref_cfg = load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": "float32", "backbone_dropout": None,
+                                                         "attn_implementation": "sdpa"})
+    ref_exp = build_experiment(ref_cfg)
+    result["reference_round_seconds"] = round(reference_round_seconds(ref_exp, ref_cfg.data.max_length), 1)
+    result["round_speedup_vs_reference"] = round(result["reference_round_seconds"] / result["round_seconds"], 2)
+    result["padding_fraction_reference"] = round(1 - tokens_per_row / exp.cfg.data.max_length, 3)
+
+    result["peak_memory_mb_by_clients"] = peak_memory([10, 100] if args.quick else [10, 100, 1000])
+    template = exp.strategy.initial
+    result["aggregation_seconds_by_adapters"] = aggregation_seconds([100, 1000] if args.quick else [100, 1000, 10000],
+                                                                    template, exp.model.lora_keys)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""fltac on Flower: the apps live in fltac.engines.flower; these modules only name them for `flwr run`."""

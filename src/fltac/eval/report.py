@@ -1,0 +1,431 @@
+"""``fltac report``: run folders in, ``report.md`` + ``report.html`` + PNG plots out.
+
+Reads only what runs write (``config.json``, ``summary.json``, ``metrics.jsonl``,
+``cluster_assignments.jsonl``, ``adapters/*.safetensors``): no model is built, no torch module runs.
+Plots (matplotlib, Agg backend):
+
+- ``accuracy_per_round.png``: per-task test accuracy of the serving adapter per round, one panel per run;
+- ``accuracy_vs_uplink.png``: mean accuracy against cumulative uplink bytes, one line per run;
+- ``clustering_accuracy.png``: FL-TAC's clustering accuracy per round, one line per FL-TAC run;
+- ``confusion_<run>.png``: the final round's task-by-cluster counts of submitted adapters;
+- ``projection_<run>.png``: a 2-D PCA of the adapters clients submitted in the first and last round,
+  as the server's K-means saw them (same tensors, update or weights, normalised or not, per the run's
+  ``server`` config), coloured by the true task, marked by the cluster K-means put them in.
+
+The table compares the runs from their ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fltac import io
+from fltac.config import ConfigError
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+DPI = 100
+
+
+class ReportError(ConfigError):
+    """A folder that is not a finished run, with the folder and what is missing."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    summary: dict
+    metrics: list[dict]
+    clusters: list[dict]
+
+    @property
+    def method(self) -> str:
+        return self.summary.get("method", self.config.get("method", "?"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.summary.get("tasks") or dict.fromkeys(m["task"] for m in self.evals()))
+
+    def evals(self) -> list[dict]:
+        return [m for m in self.metrics if m.get("phase") == "eval"]
+
+    def rounds(self) -> list[dict]:
+        return [m for m in self.metrics if m.get("phase") == "round"]
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    path = Path(path)
+    missing = [f for f in ("config.json", "summary.json", "metrics.jsonl") if not (path / f).is_file()]
+    if missing:
+        raise ReportError(f"{path} is not a finished run: it lacks {', '.join(missing)}")
+    return Run(name or path.name, path, io.read_json(path / "config.json"), io.read_json(path / "summary.json"),
+               io.read_jsonl(path / "metrics.jsonl"), io.read_jsonl(path / "cluster_assignments.jsonl"))
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """Folder names, made unique by prefixing the parent's name (then an index) where two collide."""
+    names = [p.name for p in paths]
+    for i, p in enumerate(paths):
+        if names.count(p.name) > 1:
+            names[i] = f"{p.parent.name}_{p.name}"
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# ---- figures from the files ----------------------------------------------------------------------
+
+def accuracy_by_round(run: Run) -> dict[str, tuple[list[int], list[float]]]:
+    """``{task: (rounds, accuracies)}`` of the serving adapter, at every evaluated round."""
+    out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for m in run.evals():
+        out[m["task"]][0].append(m["round"])
+        out[m["task"]][1].append(m["accuracy"])
+    return dict(out)
+
+
+def accuracy_vs_uplink(run: Run) -> tuple[list[int], list[float]]:
+    """(cumulative uplink bytes after each evaluated round, mean accuracy at that round)."""
+    cumulative, total = {}, 0
+    for m in sorted(run.rounds(), key=lambda m: m["round"]):
+        total += m["uplink_bytes"]
+        cumulative[m["round"]] = total
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for m in run.evals():
+        by_round[m["round"]].append(m["accuracy"])
+    rounds = sorted(r for r in by_round if r in cumulative)
+    return [cumulative[r] for r in rounds], [float(np.mean(by_round[r])) for r in rounds]
+
+
+def clustering_by_round(run: Run) -> tuple[list[int], list[float]]:
+    rows = sorted(run.clusters, key=lambda c: c["round"])
+    return [c["round"] for c in rows], [c["clustering_accuracy"] for c in rows]
+
+
+def confusion(run: Run, round_: int | None = None) -> tuple[list[str], list[int], np.ndarray, int]:
+    """(tasks, clusters, counts[task, cluster] of submitted adapters, round): the last round by default."""
+    rec = run.clusters[-1] if round_ is None else next(c for c in run.clusters if c["round"] == round_)
+    tasks = [t for t in run.tasks if any(a["task"] == t for a in rec["assignments"])]
+    clusters = sorted({a["cluster"] for a in rec["assignments"]})
+    counts = np.zeros((len(tasks), len(clusters)), dtype=np.int64)
+    for a in rec["assignments"]:
+        counts[tasks.index(a["task"]), clusters.index(a["cluster"])] += 1
+    return tasks, clusters, counts, rec["round"]
+
+
+def submission_rounds(run: Run) -> list[int]:
+    files = (run.path / "adapters").glob("submissions_round_*.safetensors")
+    return sorted(int(p.stem.rsplit("_", 1)[1]) for p in files)
+
+
+def _slot_states(run: Run, round_: int) -> dict[int, dict]:
+    slots: dict[int, dict] = defaultdict(dict)
+    for name, t in io.load_tensors(run.path / "adapters" / f"round_{round_}.safetensors").items():
+        slot, key = name.split("/", 1)
+        slots[int(slot.removeprefix("slot"))][key] = t
+    return slots
+
+
+def kmeans_features(run: Run, round_: int) -> tuple[np.ndarray, list[str], list[int]]:
+    """The vectors the server's K-means clustered in ``round_``, with each one's true task and assigned cluster.
+
+    Rebuilt from the saved submissions as :meth:`fltac.server.strategies.FLTAC.features` builds them.
+    """
+    server = run.config.get("server", {})
+    tensors = io.load_tensors(run.path / "adapters" / f"submissions_round_{round_}.safetensors")
+    meta = io.read_json(run.path / "adapters" / f"submissions_round_{round_}.json")
+    starts = {(c, k): s for c, k, s in meta["starts"]}
+    initial = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("initial/")}
+    subs: dict[tuple[int, str], dict] = defaultdict(dict)
+    for name, t in tensors.items():
+        if not name.startswith("initial/"):
+            client, key, tensor = name.split("/", 2)
+            subs[(int(client), key)][tensor] = t
+    any_state = next(iter(subs.values()))
+    keys = sorted(k for k in any_state if server.get("cluster_features", "lora") != "lora"
+                  or ".lora_A." in k or ".lora_B." in k)
+    previous = _slot_states(run, round_ - 1) if any(s >= 0 for s in starts.values()) else {}
+    record = next(c for c in run.clusters if c["round"] == round_)
+    feats, tasks, clusters = [], [], []
+    for a in record["assignments"]:
+        state = subs[(a["client"], a["key"])]
+        vec = np.concatenate([state[k].double().numpy().ravel() for k in keys])
+        if server.get("cluster_on", "weights") == "update":
+            slot = starts[(a["client"], a["key"])]
+            start = initial if slot < 0 else previous[slot]
+            vec = vec - np.concatenate([start[k].double().numpy().ravel() for k in keys])
+        if server.get("cluster_normalize", False):
+            vec = vec / max(np.linalg.norm(vec), 1e-12)
+        feats.append(vec)
+        tasks.append(a["task"])
+        clusters.append(a["cluster"])
+    return np.stack(feats), tasks, clusters
+
+
+def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates on the first two principal axes, their share of the variance)."""
+    centred = x - x.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    coords = u[:, :2] * s[:2]
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    var = s ** 2
+    share = var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)
+    return coords, np.pad(share, (0, 2 - len(share)))
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, pil_kwargs={"optimize": True})
+    _plt().close(fig)
+
+
+def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1.0, 3.6), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        curves = accuracy_by_round(run)
+        for task in run.tasks:
+            if task in curves:
+                ax.plot(*curves[task], marker="o", ms=3, label=task)
+        rounds, mean = _mean_curve(curves)
+        ax.plot(rounds, mean, color="black", ls="--", lw=1.5, label="mean")
+        ax.set_title(f"{run.name} ({run.method})", fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].set_ylabel("test accuracy (serving adapter)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _save(fig, path)
+
+
+def _mean_curve(curves: dict[str, tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for rounds, accs in curves.values():
+        for r, a in zip(rounds, accs):
+            by_round[r].append(a)
+    rounds = sorted(by_round)
+    return rounds, [float(np.mean(by_round[r])) for r in rounds]
+
+
+def plot_accuracy_vs_uplink(runs: list[Run], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for run in runs:
+        x, y = accuracy_vs_uplink(run)
+        ax.plot(np.asarray(x) / 1e6, y, marker="o", ms=4, label=f"{run.name} ({run.method})")
+    ax.set_xlabel("cumulative uplink (MB)")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title("accuracy for the bytes clients sent", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_clustering(runs: list[Run], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    for run in runs:
+        ax.plot(*clustering_by_round(run), marker="o", ms=4, label=run.name)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("round")
+    ax.set_ylabel("clustering accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion(run: Run, path: Path) -> int:
+    tasks, clusters, counts, round_ = confusion(run)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(clusters) + 1.2, 0.9 + 0.45 * len(tasks)))
+    ax.imshow(counts, cmap="Blues", aspect="auto")
+    for i in range(len(tasks)):
+        for j in range(len(clusters)):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center",
+                    color="white" if counts[i, j] > counts.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(len(clusters)), [str(c) for c in clusters])
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("cluster (slot)")
+    ax.set_title(f"{run.name}: round {round_} submissions", fontsize=9)
+    _save(fig, path)
+    return round_
+
+
+def plot_projection(run: Run, rounds: list[int], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(rounds), figsize=(4.4 * len(rounds) + 1.4, 3.8), squeeze=False)
+    colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(run.tasks)}
+    seen_clusters: set[int] = set()
+    for ax, r in zip(axes[0], rounds):
+        feats, tasks, clusters = kmeans_features(run, r)
+        coords, share = pca_2d(feats)
+        for (x, y), t, c in zip(coords, tasks, clusters):
+            ax.scatter(x, y, color=colours[t], marker=MARKERS[c % len(MARKERS)], s=36, edgecolors="black",
+                       linewidths=0.4)
+            seen_clusters.add(c)
+        acc = next(c["clustering_accuracy"] for c in run.clusters if c["round"] == r)
+        ax.set_title(f"round {r}: clustering accuracy {acc:.2f}", fontsize=9)
+        ax.set_xlabel(f"PC1 ({share[0]:.0%} of variance)")
+        ax.set_ylabel(f"PC2 ({share[1]:.0%})")
+        ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colours[t], label=t) for t in run.tasks]
+    handles += [Line2D([], [], ls="", marker=MARKERS[c % len(MARKERS)], color="grey", label=f"cluster {c}")
+                for c in sorted(seen_clusters)]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _save(fig, path)
+
+
+# ---- the document ----------------------------------------------------------------------------------
+
+TABLE_HEAD = ["run", "method", "rounds", "mean accuracy", "personalized", "clustering accuracy", "uplink bytes",
+              "downlink bytes", "wall time (s)"]
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        s = run.summary
+        rows.append([run.name, run.method, str(s.get("rounds", "-")), _fmt(s.get("mean_accuracy"), ".4f"),
+                     _fmt(s.get("mean_personalized_accuracy"), ".4f"), _fmt(s.get("clustering_accuracy"), ".4f"),
+                     _fmt(s.get("uplink_bytes"), ","), _fmt(s.get("downlink_bytes"), ","),
+                     _fmt(s.get("wall_seconds"), ".1f")])
+    return rows
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path | None = None, command: str | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and the PNGs into ``out`` (default: the first run); return report.md."""
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(p, n) for p, n in zip(paths, unique_names(paths))]
+    out = Path(out) if out is not None else paths[0]
+    out.mkdir(parents=True, exist_ok=True)
+    blocks: list[tuple] = [("h1", "fltac report")]
+    if command:
+        blocks.append(("code", command))
+    blocks.append(("p", "Runs: " + "; ".join(f"`{r.name}` = {r.path}" for r in runs)))
+    blocks.append(("table", TABLE_HEAD, table_rows(runs)))
+    blocks.append(("p", "Mean accuracy is the mean over tasks of the serving global adapter's test accuracy after the "
+                        "last round; personalized: each client's own assigned adapter on its share; bytes are summed "
+                        "over all rounds; wall time includes setup."))
+
+    plot_accuracy_per_round(runs, out / "accuracy_per_round.png")
+    blocks += [("h2", "Accuracy per task per round"), ("img", "accuracy_per_round.png", "per-task accuracy per round")]
+    plot_accuracy_vs_uplink(runs, out / "accuracy_vs_uplink.png")
+    blocks += [("h2", "Mean accuracy against cumulative uplink"),
+               ("img", "accuracy_vs_uplink.png", "mean accuracy against cumulative uplink bytes")]
+
+    clustered = [r for r in runs if r.clusters]
+    blocks.append(("h2", "Clustering"))
+    if not clustered:
+        blocks.append(("p", "No run clusters its clients' adapters (only FL-TAC does)."))
+    else:
+        plot_clustering(clustered, out / "clustering_accuracy.png")
+        blocks += [("p", "Clustering accuracy: the share of submitted adapters in the cluster matched to their own "
+                             "task, under the best one-to-one matching of clusters to tasks (Hungarian)."),
+                   ("img", "clustering_accuracy.png", "clustering accuracy per round")]
+        for run in clustered:
+            name = f"confusion_{slug(run.name)}.png"
+            round_ = plot_confusion(run, out / name)
+            blocks += [("h3", f"{run.name}: task by cluster, round {round_}"), ("img", name, "task-by-cluster counts")]
+            rounds = submission_rounds(run)
+            if rounds:
+                pname = f"projection_{slug(run.name)}.png"
+                plot_projection(run, rounds, out / pname)
+                blocks += [("h3", f"{run.name}: submitted adapters, 2-D PCA"),
+                           ("p", "Each point is one adapter a client submitted, as the server's K-means saw it "
+                                 f"({_feature_note(run.config)}); colour: its true task (never sent), marker: the "
+                                 "cluster it was put in."),
+                           ("img", pname, "PCA of submitted adapters")]
+            else:
+                blocks.append(("p", f"{run.name} saved no submissions (adapters/submissions_round_<t>.safetensors: "
+                                    "runs made before fltac kept them), so there is no projection."))
+    others = [r.name for r in runs if not r.clusters]
+    if clustered and others:
+        blocks.append(("p", f"No clustering in: {', '.join(others)}."))
+
+    md = out / "report.md"
+    md.write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks))
+    return md
+
+
+def _feature_note(config: dict) -> str:
+    server = config.get("server", {})
+    what = "LoRA matrices" if server.get("cluster_features", "lora") == "lora" else "LoRA matrices and head"
+    on = "update since the adapter it was sent" if server.get("cluster_on") == "update" else "weights"
+    norm = ", scaled to unit length" if server.get("cluster_normalize") else ""
+    return f"{what}, {on}{norm}"
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    lines = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + rest[0], ""]
+        elif kind == "p":
+            lines += [rest[0], ""]
+        elif kind == "code":
+            lines += ["```", rest[0], "```", ""]
+        elif kind == "img":
+            lines += [f"![{rest[1]}]({rest[0]})", ""]
+        elif kind == "table":
+            head, rows = rest
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|")
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def render_html(blocks: list[tuple]) -> str:
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(rest[0])}</p>")
+        elif kind == "code":
+            body.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
+        elif kind == "img":
+            body.append(f'<p><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}"></p>')
+        elif kind == "table":
+            head, rows = rest
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+            body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
+             "td:first-child,td:nth-child(2),th{text-align:left}img{max-width:100%}")
+    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>fltac report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,229 @@
+"""Robust aggregation and submission checks: small pure functions on adapter states, no state, no I/O.
+
+Notation: a submission is an adapter state ``s_i`` (``{key: tensor}``) trained from the adapter
+``s0_i`` the client was sent; its *update* is ``u_i = s_i - s0_i`` and ``||u_i||`` is the L2 norm
+of all its tensors together (LoRA factors and head). As in :mod:`fltac.server.aggregate`, A and B
+are combined separately, entry by entry, never as the product BA.
+
+The rules here are what :meth:`fltac.server.strategies.Strategy._merge` applies to the members of
+one slot (one cluster for FL-TAC), so they compose with every method instead of copying it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fltac.server.aggregate import State, weighted_mean
+
+#: Expected layout of one adapter: ``{key: (shape, dtype)}``.
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+# ---- coordinate-wise rules ---------------------------------------------------------------------------
+
+def _stack(states: list[State], key: str) -> torch.Tensor:
+    return torch.stack([s[key].double() for s in states])
+
+
+def coordinate_median(states: list[State]) -> State:
+    """Coordinate-wise median (Yin et al., arXiv 1803.01498), unweighted.
+
+    For every entry j: med_j = x_(m)j for n = 2m - 1 values, and (x_(m)j + x_(m+1)j) / 2 for n = 2m,
+    where x_(1)j <= ... <= x_(n)j are the n submissions' values sorted. Sample counts are ignored:
+    a weighted median would hand the rule to whoever claims many examples. float64, cast back.
+    """
+    if not states:
+        raise ValueError("coordinate_median of no states")
+    out = {}
+    for k in states[0]:
+        x, _ = torch.sort(_stack(states, k), dim=0)
+        n = x.shape[0]
+        mid = x[(n - 1) // 2] if n % 2 else (x[n // 2 - 1] + x[n // 2]) / 2
+        out[k] = mid.to(states[0][k].dtype)
+    return out
+
+
+def trimmed_mean(states: list[State], trim_fraction: float) -> State:
+    """Coordinate-wise trimmed mean (Yin et al., arXiv 1803.01498), unweighted.
+
+    With b = floor(trim_fraction * n): for every entry j, sort the n values, drop the b smallest and
+    the b largest, and average the n - 2b left: (1 / (n - 2b)) sum_{i=b+1}^{n-b} x_(i)j.
+    ``trim_fraction`` must lie in [0, 0.5), so at least one value is left; 0 is the plain mean.
+    """
+    if not states:
+        raise ValueError("trimmed_mean of no states")
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must lie in [0, 0.5), got {trim_fraction}")
+    n = len(states)
+    b = math.floor(trim_fraction * n)
+    out = {}
+    for k in states[0]:
+        x, _ = torch.sort(_stack(states, k), dim=0)
+        out[k] = x[b:n - b].mean(dim=0).to(states[0][k].dtype)
+    return out
+
+
+def update_norm(state: State, start: State) -> float:
+    """||s - s0||_2 over all tensors together, in float64."""
+    return math.sqrt(sum(float(((state[k].double() - start[k].double()) ** 2).sum()) for k in state))
+
+
+def clip_update(state: State, start: State, max_norm: float) -> State:
+    """s0 + u * min(1, max_norm / ||u||) with u = s - s0: the update scaled down to norm ``max_norm``
+    (norm clipping as in DP-FedAvg, McMahan et al., arXiv 1710.06963); shorter updates are unchanged."""
+    norm = update_norm(state, start)
+    if norm <= max_norm:
+        return state
+    factor = max_norm / norm
+    return {k: (start[k].double() + factor * (state[k].double() - start[k].double())).to(state[k].dtype)
+            for k in state}
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The rule that merges the submissions of one slot into its new adapter.
+
+    Parameters
+    ----------
+    rule : {'fedavg', 'median', 'trimmed_mean'} (default: 'fedavg')
+        fedavg: sum_i n_i s_i / sum_i n_i (:func:`weighted_mean`); median: :func:`coordinate_median`;
+        trimmed_mean: :func:`trimmed_mean`. The last two ignore sample counts.
+    trim_fraction : float (default: 0.2)
+        Fraction trimmed at each end by ``trimmed_mean``.
+    clip_norm : float or None (default: None)
+        If set, every submission is first replaced by :func:`clip_update` of it, then the rule runs.
+    """
+
+    rule: str = "fedavg"
+    trim_fraction: float = 0.2
+    clip_norm: float | None = None
+
+    def __call__(self, states: list[State], starts: list[State], weights: list[float]) -> State:
+        if self.clip_norm is not None:
+            states = [clip_update(s, s0, self.clip_norm) for s, s0 in zip(states, starts)]
+        if self.rule == "fedavg":
+            return weighted_mean(states, weights)
+        if self.rule == "median":
+            return coordinate_median(states)
+        if self.rule == "trimmed_mean":
+            return trimmed_mean(states, self.trim_fraction)
+        raise ValueError(f"unknown aggregation rule '{self.rule}'")
+
+
+# ---- submission checks -------------------------------------------------------------------------------
+
+def spec_of(state: State) -> Spec:
+    """The layout ``{key: (shape, dtype)}`` of an adapter state."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def structure_problem(state: State, expected: Spec) -> str | None:
+    """Why ``state`` does not have the expected tensor names, shapes and dtypes, or None if it does."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        return f"missing tensor(s) {_few(missing)}"
+    if unexpected:
+        return f"unexpected tensor(s) {_few(unexpected)}"
+    for k, (shape, dtype) in expected.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor):
+            return f"tensor '{k}' is a {type(v).__name__}, not a tensor"
+        if tuple(v.shape) != tuple(shape):
+            return f"tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(shape)}"
+        if v.dtype != dtype:
+            return f"tensor '{k}' has dtype {v.dtype}, expected {dtype}"
+    return None
+
+
+def finite_problem(state: State) -> str | None:
+    """Which tensor holds NaN or infinite values, or None if all are finite."""
+    for k, v in state.items():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            return f"tensor '{k}' holds {bad} non-finite value(s)"
+    return None
+
+
+def norm_bounds(norms: list[float], factor: float, absolute: float | None) -> float:
+    """The update-norm bound of a round: ``absolute`` if given, else factor x the lower median of
+    ``norms``, x_(ceil(n/2)) of the n norms sorted (the median for odd n, the smaller middle value for
+    even n). The lower median comes from an honest update as long as at most half of them are too
+    long, so a round with exactly half scaled-up updates still rejects them (the mean of the two
+    middle values would not)."""
+    if absolute is not None:
+        return float(absolute)
+    if not norms:
+        return math.inf
+    x = sorted(norms)
+    return factor * x[(len(x) - 1) // 2]
+
+
+def screen(states: list[State], starts: list[State], specs: list[Spec], norm_bound_factor: float = 10.0,
+           norm_bound: float | None = None) -> tuple[list[str | None], float]:
+    """Check a round's submissions; (one reason string per submission, None when accepted; the norm bound).
+
+    In order, a submission is rejected for: a wrong layout (:func:`structure_problem` against its own
+    expected spec, which carries the method and the client's rank), non-finite values
+    (:func:`finite_problem`), or an update norm ||s_i - s0_i|| above the bound. The bound is
+    ``norm_bound`` if set, else ``norm_bound_factor`` x the lower median update norm of the
+    submissions that passed the first two checks (:func:`norm_bounds`), so up to half of them may
+    be arbitrarily long without loosening it.
+    """
+    reasons: list[str | None] = []
+    for s, spec in zip(states, specs):
+        reasons.append(structure_problem(s, spec) or finite_problem(s))
+    norms = {i: update_norm(states[i], starts[i]) for i, r in enumerate(reasons) if r is None}
+    bound = norm_bounds(list(norms.values()), norm_bound_factor, norm_bound)
+    for i, norm in norms.items():
+        if not norm <= bound:
+            how = "norm_bound" if norm_bound is not None else f"{norm_bound_factor:g} x the round's median"
+            reasons[i] = f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({how})"
+    return reasons, bound
+
+
+# ---- adapter files -----------------------------------------------------------------------------------
+
+def _rank_hint(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """' (made for LoRA rank 8; this run uses rank 4)' when only a LoRA factor's rank axis differs."""
+    axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+    if axis is None or len(got) != 2 or len(want) != 2 or got[1 - axis] != want[1 - axis]:
+        return " (made for another backbone?)"
+    return f" (made for LoRA rank {got[axis]}; this run uses rank {want[axis]})"
+
+
+def slots_problem(tensors: dict[str, torch.Tensor], spec: Spec, n_slots: int) -> str | None:
+    """Why a file of ``slot<i>/<key>`` tensors is not ``n_slots`` adapters of layout ``spec``, or None.
+
+    Other entries (e.g. ``rng/...``) are ignored. The answer is one line naming the first mismatch,
+    with the rank the file was made for when only a LoRA factor's rank axis differs.
+    """
+    slotted = {k: v for k, v in tensors.items() if k.startswith("slot")}
+    want = {f"slot{i}/{k}": sd for i in range(n_slots) for k, sd in spec.items()}
+    missing = sorted(set(want) - set(slotted))
+    unexpected = sorted(set(slotted) - set(want))
+    if missing or unexpected:
+        names = {k.split("/", 1)[1] for k in slotted}
+        n_file = len({k.split("/", 1)[0] for k in slotted})
+        if names != set(spec):
+            hint = "made for another backbone or lora.target_modules"
+        else:
+            hint = f"holds {n_file} adapter slot(s), this run has {n_slots}: made for another method or n_clusters"
+        parts = ([f"missing {_few(missing)}"] if missing else []) + (
+            [f"unexpected {_few(unexpected)}"] if unexpected else [])
+        return f"tensor names differ ({'; '.join(parts)}): {hint}?"
+    for name, (shape, dtype) in want.items():
+        v = slotted[name]
+        if tuple(v.shape) != tuple(shape):
+            return (f"tensor '{name}' has shape {tuple(v.shape)}, expected {tuple(shape)}"
+                    f"{_rank_hint(name, tuple(v.shape), tuple(shape))}")
+        if v.dtype != dtype:
+            return f"tensor '{name}' has dtype {v.dtype}, expected {dtype}"
+    return None

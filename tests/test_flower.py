@@ -1,0 +1,252 @@
+"""The Flower engine: message codec, in-process vs Flower simulation equivalence, a real local deployment.
+
+Everything that starts Ray or a SuperLink/SuperNodes runs in a fresh network namespace that has only
+loopback (``unshare -n``; root only), so no connection can leave 127.0.0.1; the tests check that with
+``ss -tn`` while the run is going. Select them with ``pytest -m flower``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config_overrides
+from fltac.config import load_config, set_dotted
+from fltac.engines.inprocess import run
+
+pytestmark = pytest.mark.flower
+
+REPO = Path(__file__).resolve().parents[1]
+NETNS = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip") is not None
+needs_netns = pytest.mark.skipif(not NETNS, reason="needs root and unshare/ip to keep Flower on loopback")
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def _overrides(tiny_bert, csv_scenario, out, **extra) -> dict:
+    return {**tiny_config_overrides(tiny_bert, out), "method": "fltac", "data.scenario": "custom",
+            "data.custom_tasks": csv_scenario["tasks"], **extra}
+
+
+def _write_config(path: Path, overrides: dict) -> Path:
+    nested: dict = {}
+    for key, value in overrides.items():
+        set_dotted(nested, key, value)
+    path.write_text(yaml.safe_dump(nested))
+    return path
+
+
+def in_loopback_netns(command: str, scratch: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` (bash) in a new network namespace with only ``lo`` up; sample ``ss -tn`` meanwhile."""
+    script = (f"ip link set lo up; (for i in $(seq 1 40); do ss -tn state established >> {scratch}/ss.txt; "
+              f"sleep 1; done) & SAMPLER=$!; {command}; rc=$?; kill $SAMPLER 2>/dev/null; exit $rc")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(scratch / "flwr_home"), "RAY_TMPDIR": ray_tmp,
+           "PYTHONPATH": str(REPO / "src")}
+    try:
+        return subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def only_loopback(ss_file: Path) -> list[str]:
+    """Established connections in the sample whose addresses are not on 127.0.0.0/8 (expected: none)."""
+    bad, lines = [], ss_file.read_text().splitlines() if ss_file.exists() else []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] != "Recv-Q":
+            addrs = fields[-2:]
+            if not all(a.startswith("127.") or a.startswith("[::1]") or a.startswith("[::ffff:127.") for a in addrs):
+                bad.append(line)
+    return bad
+
+
+# ---- codec (no Ray) ------------------------------------------------------------------------------------
+
+def test_codec_roundtrip_shares_cluster_adapters():
+    from fltac.engines.flower import decode_broadcasts, decode_result, encode_broadcasts, encode_result
+    from fltac.engines.inprocess import ClientResult
+    from fltac.server.strategies import Broadcast
+
+    slot0 = {"q.lora_A": torch.randn(2, 4), "q.lora_B": torch.randn(4, 2)}
+    slot1 = {"q.lora_A": torch.randn(2, 4), "q.lora_B": torch.randn(4, 2)}
+    sent = {"a0": Broadcast(slot0), "a1": Broadcast(slot1, {"proximal_mu": 0.1}), "a2": Broadcast(slot0)}
+    content, sizes = encode_broadcasts(3, sent)
+    assert sorted(content.array_records) == ["adapter.0", "adapter.1"]  # a0 and a2 share their cluster's adapter
+    assert len(sizes) == 2 and all(s >= 2 * 8 * 4 for s in sizes.values())
+    r, got = decode_broadcasts(content)
+    assert r == 3 and list(got) == ["a0", "a1", "a2"] and got["a1"].config == {"proximal_mu": 0.1}
+    for key in sent:
+        assert all(torch.equal(got[key].state[k], sent[key].state[k]) for k in slot0)
+
+    up = ClientResult([{"phase": "local", "round": 3, "loss": 0.5}], [
+        ("a0", slot0, 7, {}), ("a1", slot1, 5, {"q.idx": torch.tensor([0, 1], dtype=torch.int32)})], 99)
+    back, wire = decode_result(encode_result(up))
+    assert back.records == up.records and back.tokens == 99 and not back.failed
+    assert [(k, n) for k, _, n, _ in back.uploads] == [("a0", 7), ("a1", 5)]
+    assert back.uploads[1][3]["q.idx"].dtype == torch.int32 and back.uploads[0][3] == {}
+    assert wire >= 2 * 2 * 8 * 4 + 8
+
+
+# ---- simulation vs in-process ----------------------------------------------------------------------------
+
+@needs_netns
+def test_flower_sim_matches_inprocess(tiny_bert, csv_scenario, tmp_path):
+    ref_out, sim_out = tmp_path / "inprocess", tmp_path / "flower"
+    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, ref_out)), quiet=True)
+    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, sim_out))
+    proc = in_loopback_netns(f"{sys.executable} -m fltac run --config {config} --engine flower-sim --quiet",
+                             tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert not only_loopback(tmp_path / "ss.txt")
+
+    sim = json.loads((sim_out / "summary.json").read_text())
+    assert sim["tasks"] == ref["tasks"]
+    for task, acc in ref["per_task_accuracy"].items():
+        assert sim["per_task_accuracy"][task] == pytest.approx(acc, abs=1e-6)
+        assert sim["personalized_accuracy"][task] == pytest.approx(ref["personalized_accuracy"][task], abs=1e-6)
+    ref_clusters = [json.loads(line) for line in (ref_out / "cluster_assignments.jsonl").read_text().splitlines()]
+    sim_clusters = [json.loads(line) for line in (sim_out / "cluster_assignments.jsonl").read_text().splitlines()]
+    assert [c["assignments"] for c in sim_clusters] == [c["assignments"] for c in ref_clusters]
+
+    ref_lines = [json.loads(line) for line in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    sim_lines = [json.loads(line) for line in (sim_out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["phase"], m["round"]) for m in sim_lines] == [(m["phase"], m["round"]) for m in ref_lines]
+    for a, b in zip(ref_lines, sim_lines):
+        if a["phase"] == "local":
+            assert (a["client"], a["key"], a["task"], a["step"]) == (b["client"], b["key"], b["task"], b["step"])
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    rounds = [m for m in sim_lines if m["phase"] == "round"]
+    assert all(m["uplink_bytes"] > 0 and m["downlink_bytes"] > 0 and m["dropped"] == 0 for m in rounds)
+    assert sim["uplink_bytes"] == sum(m["uplink_bytes"] for m in rounds)
+
+
+# ---- a real local deployment -----------------------------------------------------------------------------
+
+@needs_netns
+def test_local_deployment_runs_two_fltac_rounds(tiny_bert, csv_scenario, tmp_path):
+    """SuperLink + two SuperNodes on 127.0.0.1 (scripts/flower_local.py), two FL-TAC rounds via `flwr run`."""
+    out = tmp_path / "deployed"
+    overrides = json.dumps({**_overrides(tiny_bert, csv_scenario, out), "train.rounds": 2})
+    cmd = (f"{sys.executable} {REPO / 'scripts' / 'flower_local.py'} --nodes 2 --port 39100 --timeout 420 "
+           f"--flwr-home {tmp_path / 'flwr_home'} --overrides '{overrides}'")
+    proc = in_loopback_netns(cmd, tmp_path, timeout=480)
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "flwr_home" / "logs").glob("*.log")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
+    assert (out / "summary.json").exists(), proc.stdout[-3000:] + logs
+    assert not only_loopback(tmp_path / "ss.txt")
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["uplink_bytes"] > 0 and summary["downlink_bytes"] > 0
+    clusters = [json.loads(line) for line in (out / "cluster_assignments.jsonl").read_text().splitlines()]
+    assert [c["round"] for c in clusters] == [1, 2]
+    assert {a["client"] for a in clusters[-1]["assignments"]} == {0, 1}  # both nodes' adapters came back
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in rounds if m["phase"] == "round"] == [1, 2]
+
+
+# ---- failed nodes (a scripted Grid, the real ClientApp, no Ray) -------------------------------------------
+
+class ScriptedGrid:
+    """A Grid that delivers each message to the real ClientApp in this process, except where ``fail`` says:
+    ``{(round, client): 'error' | 'silent'}`` (an error reply from the SuperLink, or no reply at all)."""
+
+    def __init__(self, n: int, fail: dict):
+        from flwr.app import Context, RecordDict
+
+        self.fail, self.sent = fail, 0
+        self.nodes = {1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config={},
+                                        node_config={"partition-id": i, "num-partitions": n}) for i in range(n)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        from fltac.engines.flower import client_app
+
+        replies = []
+        for m in messages:
+            self.sent += 1
+            m.metadata.__dict__["_message_id"] = f"msg{self.sent}"  # the SuperLink sets it on push
+            ctx = self.nodes[m.metadata.dst_node_id]
+            what = None
+            if m.metadata.message_type == "train":
+                r = int(m.content.config_records["config"]["round"])
+                what = self.fail.get((r, int(ctx.node_config["partition-id"])))
+            if what == "silent":
+                continue
+            replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=m) if what == "error"
+                           else client_app(m, ctx))
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # set in a running ServerApp
+    yield
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = None, None, None
+
+
+def test_failed_and_silent_nodes_are_dropped_and_logged(tiny_bert, csv_scenario, tmp_path, task_identity):
+    from fltac.engines.flower import FlowerEngine
+
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "run", **{
+        "train.rounds": 3, "reliability.client_timeout_s": 30.0}))
+    grid = ScriptedGrid(2, {(1, 1): "error", (2, 1): "silent"})
+    summary = FlowerEngine(cfg, grid, quiet=True).run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dropped = [m for m in lines if m["phase"] == "dropped"]
+    assert {(m["round"], m["client"], m["kind"]) for m in dropped} == {(1, 1, "crash"), (2, 1, "timeout")}
+    assert all("flower error 5" in m["reason"] for m in dropped if m["round"] == 1)
+    rounds = {m["round"]: m for m in lines if m["phase"] == "round"}
+    assert rounds[1]["accepted"] < rounds[3]["accepted"] and rounds[3]["dropped"] == 0
+    assert summary["rounds"] == 3 and summary["dropped_submissions"] == rounds[1]["dropped"] + rounds[2]["dropped"]
+    # the run config reached each node once, in the setup query, and stays in its context.state
+    assert all("fltac" in ctx.state.config_records for ctx in grid.nodes.values())
+
+
+def test_too_few_clients_stops_the_flower_run(tiny_bert, csv_scenario, tmp_path, task_identity):
+    from fltac.engines.flower import FlowerEngine
+    from fltac.engines.inprocess import TooFewClients
+
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "run", **{
+        "reliability.min_clients_per_round": 2}))
+    with pytest.raises(TooFewClients, match="round 1: only 1 of 2"):
+        FlowerEngine(cfg, ScriptedGrid(2, {(1, 0): "error"}), quiet=True).run()
+
+
+@pytest.mark.parametrize("method", ["fltac", "fedit", "hafl", "hetlora", "safedlora", "fedavg_full"])
+def test_every_method_gives_the_inprocess_result_through_flower_messages(method, tiny_bert, csv_scenario, tmp_path,
+                                                                         task_identity):
+    """Each method's broadcasts and submissions survive the Message layout: same adapters, same accuracies."""
+    from safetensors.torch import load_file
+
+    from fltac.engines.flower import FlowerEngine
+
+    extra = {"method": method, "train.rounds": 2, "num_threads": 1}
+    if method == "safedlora":  # one initiating round, then one annealing round
+        extra.update({"safedlora.rank_init": 4, "safedlora.target_rank": 1, "safedlora.cool_rounds": 0})
+    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    got = FlowerEngine(cfg, ScriptedGrid(2, {}), quiet=True).run()
+    for task, acc in ref["per_task_accuracy"].items():
+        assert got["per_task_accuracy"][task] == pytest.approx(acc, abs=1e-6)
+    a, b = (load_file(tmp_path / d / "adapters" / "round_2.safetensors") for d in ("ref", "flower"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0  # wire bytes: the tensors plus their names

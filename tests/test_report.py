@@ -1,0 +1,107 @@
+"""``fltac report`` on two tiny runs; TensorBoard streaming; progress lines with a time estimate."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+from fltac.cli import main
+from fltac.eval.progress import Progress, eta, format_seconds
+from fltac.eval.report import accuracy_vs_uplink, build_report, kmeans_features, load_run, submission_rounds
+from fltac.server.aggregate import kmeans_labels
+
+PNGS = ["accuracy_per_round.png", "accuracy_vs_uplink.png", "clustering_accuracy.png", "confusion_fltac.png",
+        "projection_fltac.png"]
+
+
+def test_report_has_plots_and_a_table_of_both_runs(tiny_runs, tmp_path):
+    md = build_report([tiny_runs["fltac"], tiny_runs["fedit"]], tmp_path / "report")
+    for name in PNGS:
+        data = (tmp_path / "report" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and 1_000 < len(data) < 100_000, name
+    text = md.read_text()
+    for method in ("fltac", "fedit"):
+        s = json.loads((tiny_runs[method] / "summary.json").read_text())
+        row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:4] == [method, s["method"], str(s["rounds"]), f"{s['mean_accuracy']:.4f}"]
+        assert cells[5] == ("-" if s["clustering_accuracy"] is None else f"{s['clustering_accuracy']:.4f}")
+        assert cells[6:] == [f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}", f"{s['wall_seconds']:.1f}"]
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(PNGS)  # relative: opens with its images
+    assert sorted(re.findall(r"\]\(([^)]+\.png)\)", text)) == sorted(PNGS)
+
+
+def test_report_cli_defaults_to_the_first_run(tiny_runs, capsys):
+    assert main(["report", str(tiny_runs["fltac"]), str(tiny_runs["fedit"])]) == 0
+    assert (tiny_runs["fltac"] / "report.md").is_file() and (tiny_runs["fltac"] / "report.html").is_file()
+    assert "fltac report" in (tiny_runs["fltac"] / "report.md").read_text()
+    assert main(["report", str(tiny_runs["fltac"] / "adapters")]) == 2
+    assert "is not a finished run" in capsys.readouterr().err
+
+
+def test_uplink_curve_ends_at_the_summary(tiny_runs):
+    for method in ("fltac", "fedit"):
+        run = load_run(tiny_runs[method])
+        x, y = accuracy_vs_uplink(run)
+        assert x[-1] == run.summary["uplink_bytes"] and y[-1] == run.summary["mean_accuracy"]
+        assert x == sorted(x) and len(x) == 2
+
+
+def test_projection_shows_what_kmeans_clustered(tiny_runs):
+    """K-means on the rebuilt features, seeded as the server seeds it, gives back the recorded clusters."""
+    run = load_run(tiny_runs["fltac"])
+    assert submission_rounds(run) == [1, 2]
+    for r in (1, 2):
+        feats, tasks, clusters = kmeans_features(run, r)
+        k = run.config["server"]["n_clusters"] or len(run.tasks)
+        again = kmeans_labels(feats, k, run.config["seed"] + r, run.config["server"]["kmeans_n_init"])
+        assert adjusted_rand_score(clusters, again) == 1.0
+        assert np.allclose(np.linalg.norm(feats, axis=1), 1.0)  # the run normalised them
+
+
+def test_tensorboard_stream(tiny_bert, csv_scenario, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fltac.config import load_config
+    from fltac.engines.inprocess import run
+
+    from conftest import tiny_config_overrides
+
+    cfg = load_config(None, {**tiny_config_overrides(tiny_bert, tmp_path / "run"), "method": "fedit",
+                             "data.scenario": "custom", "data.custom_tasks": csv_scenario["tasks"]})
+    summary = run(cfg, quiet=True, log=("tensorboard",))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    mean = events.Scalars("accuracy/mean")
+    assert [e.step for e in mean] == [1, 2] and abs(mean[-1].value - summary["mean_accuracy"]) < 1e-6
+    assert {"accuracy/reviews", "accuracy/topics", "round/uplink_bytes"} <= set(events.Tags()["scalars"])
+
+
+def test_progress_estimates_the_time_left():
+    assert (format_seconds(9.4), format_seconds(75), format_seconds(3725)) == ("9s", "1m15s", "1h02m")
+    assert eta(0, 10, 5.0) is None and eta(2, 10, 4.0) == 16.0
+    log = io.StringIO()
+    bar = Progress("round 1/3: adapters trained", 4, stream=log, interval=0)
+    for _ in range(3):
+        bar.step(note="client 0")
+    bar.step()  # the last unit: a plain log leaves the summary to the caller
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("[fltac] round 1/3: adapters trained 1/4") and "ETA" in lines[0]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = Progress("eval", 2, stream=tty, interval=0)
+    bar.step()
+    bar.close()
+    assert tty.getvalue().startswith("\r[fltac] eval 1/2") and tty.getvalue().endswith("\r")
+    quiet = io.StringIO()
+    Progress("x", 3, enabled=False, stream=quiet, interval=0).step()
+    assert quiet.getvalue() == ""
