@@ -26,6 +26,14 @@ def curve(run: Path) -> list[tuple[int, float, int]]:
     return out
 
 
+def label(run: Path) -> str:
+    """The method, with SA-FedLoRA's initiating-stage mode (from the run's config.json)."""
+    cfg = json.loads((run / "config.json").read_text())
+    if cfg["method"] == "safedlora":
+        return f"safedlora (init {cfg['safedlora']['init_train']})"
+    return cfg["method"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for run, points in curves.items():
         rnd, acc, up = points[-1]
         s = summaries[run]
-        method = s["method"] if s else run.name
+        method = label(run)
         per = [f"{s['per_task_accuracy'][t]:.3f}" if s else "-" for t in tasks]
         print(f"| {method} | {rnd} | " + " | ".join(per) + f" | {acc:.3f} | {acc - ref_acc:+.3f} | "
               f"{up / 1e6:.2f} MB | {100 * up / ref_up:.2f}% ({100 * (1 - up / ref_up):.1f}% fewer) |")
@@ -54,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
         for run, points in curves.items():
-            s = summaries[run]
-            ax.plot([p[2] / 1e6 for p in points], [p[1] for p in points], marker="o",
-                    label=s["method"] if s else run.name)
+            ax.plot([p[2] / 1e6 for p in points], [p[1] for p in points], marker="o", label=label(run))
         ax.set_xscale("log")
         ax.set_xlabel("cumulative uplink (MB, all clients, log scale)")
         ax.set_ylabel("mean test accuracy")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config_overrides
+
 from fltac.config import load_config, set_dotted
 from fltac.engines.inprocess import run
 
@@ -54,7 +54,7 @@ def in_loopback_netns(command: str, scratch: Path, timeout: float) -> subprocess
            "PYTHONPATH": str(REPO / "src")}
     try:
         return subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO)
+                              timeout=timeout, cwd=REPO, check=False)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -66,7 +66,7 @@ def only_loopback(ss_file: Path) -> list[str]:
         fields = line.split()
         if len(fields) >= 4 and fields[0] != "Recv-Q":
             addrs = fields[-2:]
-            if not all(a.startswith("127.") or a.startswith("[::1]") or a.startswith("[::ffff:127.") for a in addrs):
+            if not all(a.startswith(("127.", "[::1]", "[::ffff:127.")) for a in addrs):
                 bad.append(line)
     return bad
 
@@ -74,7 +74,12 @@ def only_loopback(ss_file: Path) -> list[str]:
 # ---- codec (no Ray) ------------------------------------------------------------------------------------
 
 def test_codec_roundtrip_shares_cluster_adapters():
-    from fltac.engines.flower import decode_broadcasts, decode_result, encode_broadcasts, encode_result
+    from fltac.engines.flower import (
+        decode_broadcasts,
+        decode_result,
+        encode_broadcasts,
+        encode_result,
+    )
     from fltac.engines.inprocess import ClientResult
     from fltac.server.strategies import Broadcast
 
@@ -250,3 +255,31 @@ def test_every_method_gives_the_inprocess_result_through_flower_messages(method,
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0  # wire bytes: the tensors plus their names
+
+
+def test_centralized_is_refused_before_flower_starts(tmp_path):
+    from fltac.engines.flower import run_simulation
+    from fltac.engines.inprocess import RunError
+
+    with pytest.raises(RunError, match="--engine inprocess"):
+        run_simulation(load_config(None, {"method": "centralized", "output_dir": str(tmp_path)}))
+
+
+def test_each_node_builds_exactly_its_share_of_the_inprocess_data(tiny_bert, csv_scenario, tmp_path):
+    """A SuperNode's own jobs and tokenised rows equal its share of the in-process experiment (4 clients,
+    skewed: some clients hold no row of a task)."""
+    from fltac.experiment import build_client, build_experiment
+
+    tasks = [{k: v for k, v in t.items() if k != "client_column"} for t in csv_scenario["tasks"]]
+    cfg = load_config(None, {**_overrides(tiny_bert, csv_scenario, tmp_path), "data.custom_tasks": tasks,
+                             "partition.n_clients": 4, "partition.alpha": 0.1})
+    exp = build_experiment(cfg)
+    assert len({j.client for j in exp.jobs if j.key == "a1"}) < 4  # the skew this test is about
+    for client in range(4):
+        side = build_client(cfg, client)
+        mine = [j for j in exp.jobs if j.client == client]
+        assert [(j.key, j.tasks, j.steps, j.num_examples) for j in side.jobs] == [
+            (j.key, j.tasks, j.steps, j.num_examples) for j in mine]
+        for a, b in zip(mine, side.jobs):
+            assert (exp.train_store.ids[a.rows] == side.train_store.ids[b.rows]).all()
+            assert (exp.train_store.labels[a.rows] == side.train_store.labels[b.rows]).all()

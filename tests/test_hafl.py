@@ -1,7 +1,7 @@
 """HAFL / HetLoRA: importance EMA, component selection and write-back, freezing, rank-1 aggregation against
 hand-worked formulas, config checks, the label-skew split, the hub loader on local files, and tiny runs.
 
-The end-to-end runs reuse test_end_to_end's tiny random BERT (2 layers, 32 wide) and hand-written sentences.
+The end-to-end runs use conftest's tiny random BERT (2 layers, 32 wide) and test_end_to_end's sentences.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fltac.engines.inprocess import run
 from fltac.server.hafl import (HAFL, aggregate_components, global_scores, place, top_components, truncate,
                                unpack)
 from fltac.server.strategies import Submission
-from test_end_to_end import COOKING, SPORT, WEATHER, _task, make_cfg, tiny_model  # noqa: F401 (fixture)
+from test_end_to_end import COOKING, SPORT, WEATHER, _task, make_cfg
 
 HUB_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "hafl_20news_hub.yaml"
 M = "layer.q"
@@ -212,6 +212,8 @@ def test_a_client_rank_larger_than_R_is_rejected_with_a_clear_message():
         load_config(None, {"method": "hetlora", "hafl.mode": "freeze"})
     with pytest.raises(ConfigError, match="hafl.rank_distribution"):
         load_config(None, {"method": "hafl", "hafl.rank_distribution": "uniform:2,x"})
+    with pytest.raises(ConfigError, match="reliability.aggregation"):
+        load_config(None, {"method": "hafl", "reliability.aggregation": "median"})
     cfg = load_config(None, {"method": "hetlora"})
     assert cfg.rank == 8 and cfg.hafl.resolved("hetlora") == ("truncate", "zero_pad")
     assert load_config(None, {"method": "hafl", "hafl.mode": "freeze"}).hafl.resolved("hafl") == ("freeze", "adaptive")
@@ -276,9 +278,9 @@ def lora_bytes_per_client(rank: int, n_modules: int, hidden: int = 32) -> int:
 
 @pytest.mark.parametrize("method,extra", [("hafl", {}), ("hafl", {"hafl.mode": "freeze"}), ("hetlora", {}),
                                           ("hafl", {"hafl.mode": "freeze", "hafl.aggregation": "zero_pad"})])
-def test_tiny_run_uploads_only_the_selected_components(tiny_model, topic_task, tmp_path, method, extra):
+def test_tiny_run_uploads_only_the_selected_components(tiny_bert, topic_task, tmp_path, method, extra):
     ranks = [1, 2, 4]
-    cfg = make_cfg(tiny_model, tmp_path / "run", method=method, **{
+    cfg = make_cfg(tiny_bert, tmp_path / "run", method=method, **{
         "partition.n_clients": 3, "lora.rank": 4, "hafl.client_ranks": ranks, "train.rounds": 2,
         "partition.kind": "label_skew"}, **extra)
     summary = run(cfg, tasks=topic_task, quiet=True)

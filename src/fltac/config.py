@@ -478,6 +478,9 @@ class RunConfig:
         too_big = sorted({r for r in h.ranks(n, self.seed) if r > self.rank})
         _check(not too_big, key, f"has client rank(s) {too_big} larger than the server rank R = {self.rank} "
                f"(lora.rank{'' if self.lora.rank is not None else ', the method default'}); every r_k must be <= R")
+        _check(self.reliability.aggregation == "fedavg" and self.reliability.clip_norm is None,
+               "reliability.aggregation", f"must be fedavg (and reliability.clip_norm null) with method {self.method}: "
+               f"its rank-1 aggregation (hafl.aggregation) has no robust variant yet")
 
     @property
     def rank(self) -> int:

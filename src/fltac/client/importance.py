@@ -77,7 +77,7 @@ class ImportanceEMA(Hook):
         b = self.beta
         with torch.no_grad():
             for k, p in params.items():
-                if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX)) or p.grad is None:
+                if not k.endswith((A_SUFFIX, B_SUFFIX)) or p.grad is None:
                     continue
                 ipt = (p.detach() * p.grad).abs().float().cpu()
                 ibar = self.ibar_.get(k, torch.zeros_like(ipt))

@@ -60,6 +60,8 @@ class TokenStore:
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids ``[N, max_length]`` (pad-filled) and lengths, truncating each text to ``max_length``."""
+    if not texts:  # e.g. a client holding none of a task's rows (fltac.experiment.build_client)
+        return np.zeros((0, max_length), dtype=np.int32), np.zeros(0, dtype=np.int32)
     cut = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in texts]
     enc = tokenizer(cut, truncation=True, max_length=max_length, padding=False)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -166,6 +166,7 @@ class FlowerEngine(InProcessEngine):
         msgs = [Message(RecordDict({"config": ConfigRecord({"run_config": run_config})}), dst_node_id=i,
                         message_type="query") for i in ids]
         replies = list(self.grid.send_and_receive(msgs, timeout=self.node_wait_s))
+        node_of_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         for rep in replies:
             if rep.has_error():
                 raise RunError(f"a node failed the setup query: flower error {rep.error.code}: "
@@ -174,7 +175,7 @@ class FlowerEngine(InProcessEngine):
             pid = int(node["partition_id"])
             if pid in self.node_of:
                 raise RunError(f"two Flower nodes hold partition-id {pid}")
-            self.node_of[pid] = rep.metadata.src_node_id
+            self.node_of[pid] = node_of_msg[rep.metadata.reply_to_message_id]
             self.reported[pid] = dict(zip(node["keys"], node["num_examples"]))
         missing = sorted(set(range(n)) - set(self.node_of))
         if missing:
@@ -189,7 +190,7 @@ class FlowerEngine(InProcessEngine):
 
     def _run_clients(self, exp, r, jobs, n_sampled, metrics, sent, bar):
         """Send each sampled client its broadcasts in one message; collect the replies as submissions."""
-        cfg, rel = self.cfg, self.cfg.reliability
+        rel = self.cfg.reliability
         need = required_clients(rel, n_sampled)
         if need > n_sampled:
             raise RunError(f"config key 'reliability.min_clients_per_round' = {rel.min_clients_per_round} exceeds "
@@ -247,7 +248,7 @@ def make_server_app(cfg: RunConfig, outcome: dict | None = None, **engine_kwargs
     def main(grid: Grid, context: Context) -> None:
         try:
             outcome["summary"] = FlowerEngine(cfg, grid, **engine_kwargs).run()
-        except Exception as exc:  # handed back to the caller of run_simulation, which re-raises it
+        except Exception as exc:  # noqa: BLE001  (handed back to the caller of run_simulation, which re-raises it)
             outcome["error"] = exc
 
     return app
@@ -337,6 +338,8 @@ def run_simulation(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     ``num_cpus``: CPUs given to each ClientApp actor (default: all of them, i.e. one actor, which trains
     clients one after another as the in-process engine does).
     """
+    if cfg.method == "centralized":
+        raise RunError("method 'centralized' pools all data in one process: run it with --engine inprocess")
     for k, v in FLOWER_ENV.items():
         os.environ.setdefault(k, v)
     from flwr.simulation import run_simulation as flwr_run_simulation

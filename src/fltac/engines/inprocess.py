@@ -213,8 +213,9 @@ class InProcessEngine:
 
     def _prepare_output(self) -> dict | None:
         ckpt = self._load_checkpoint() if self.resume else None
-        if ckpt is not None:
+        if self.resume or self.overwrite:
             _remove_stale_temporaries(self.out)
+        if ckpt is not None:
             changed = _flat_diff(_with_defaults(ckpt["config"]), self.cfg.to_dict())
             if changed:
                 raise RunError(f"cannot resume {self.out}: config key(s) {changed} differ from the run's snapshot "

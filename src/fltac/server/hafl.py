@@ -240,9 +240,9 @@ class HAFL(Strategy):
         """The sliced layout a client uploads: r_k rows of each ``lora_A``, r_k columns of each ``lora_B``."""
         spec = spec_of(sent.state)
         for m, idx in sent.config["hafl_train_only"].items():
-            (r, d_in), dt = spec[m + A_SUFFIX]
+            (_, d_in), dt = spec[m + A_SUFFIX]
             spec[m + A_SUFFIX] = ((len(idx), d_in), dt)
-            (d_out, r), dt = spec[m + B_SUFFIX]
+            (d_out, _), dt = spec[m + B_SUFFIX]
             spec[m + B_SUFFIX] = ((d_out, len(idx)), dt)
         return spec
 
@@ -260,7 +260,7 @@ class HAFL(Strategy):
             comp_w = [{m: w * (sc[m][up[m][0]] if len(sc[m]) == self.rank else sc[m]) for m in self.modules}
                       for w, sc, up in zip(weights, scores, uploads)]
         new = aggregate_components(current, uploads, weights, self.aggregation_rule, comp_w)
-        other = [k for k in current if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
+        other = [k for k in current if not k.endswith((A_SUFFIX, B_SUFFIX))]
         if other:
             new.update(weighted_mean([{k: s.state[k] for k in other} for s in subs], weights))
         if scores is not None:

@@ -184,7 +184,7 @@ def screen(states: list[State], starts: list[State], specs: list[Spec], norm_bou
     bound = norm_bounds(list(norms.values()), norm_bound_factor, norm_bound)
     for i, norm in norms.items():
         if not norm <= bound:
-            how = "norm_bound" if norm_bound is not None else f"{norm_bound_factor:g} x the round's median"
+            how = "norm_bound" if norm_bound is not None else f"{norm_bound_factor:g} x the round's lower median"
             reasons[i] = f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({how})"
     return reasons, bound
 
