@@ -70,10 +70,13 @@ def read_tasks(run_dir: Path, cfg: RunConfig) -> list[dict]:
 
 
 def read_slots(run_dir: Path, round_: int) -> dict[int, dict[str, torch.Tensor]]:
-    """``{slot: adapter state}`` saved after ``round_``."""
+    """``{slot: adapter state}`` saved after ``round_`` (other strategy state in the file, e.g. HAFL's
+    global scores under ``hafl/``, is not an adapter and is skipped)."""
     slots: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
     for name, tensor in io.load_tensors(run_dir / "adapters" / f"round_{round_}.safetensors").items():
         slot, key = name.split("/", 1)
+        if not slot.startswith("slot"):
+            continue
         slots[int(slot.removeprefix("slot"))][key] = tensor
     return dict(slots)
 
