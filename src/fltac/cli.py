@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--engine", choices=["inprocess", "flower-sim"], default="inprocess",
                      help="inprocess (default): every client in this process; flower-sim: the same run on Flower's "
-                          "simulation runtime (needs pip install 'fltac[flower]'; see docs/flower.md)")
+                          "simulation runtime (needs pip install 'fltac[flower]'; see the README, Running on Flower)")
     run.add_argument("--log", action="append", default=[], choices=["tensorboard"],
                      help="also stream metrics to TensorBoard (events in output_dir/tensorboard; needs the "
                           "tensorboard package); metrics.jsonl is always written")

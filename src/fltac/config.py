@@ -25,7 +25,7 @@ METHODS = ("fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fed
 #: (FL-TAC and its centralized upper bound at 4, FedIT's single shared adapter at 16).
 DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4, "hafl": 8, "hetlora": 8}
 #: Methods that train the backbone itself (fp32 masters) for some or all rounds; they take no ``lora.rank``
-#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See docs/safedlora.md.
+#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See README, "SA-FedLoRA".
 BACKBONE_METHODS = ("safedlora", "fedavg_full")
 
 
@@ -225,7 +225,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ReliabilityConfig:
-    """Failing clients, submission checks and robust aggregation (see docs/reliability.md).
+    """Failing clients, submission checks and robust aggregation (see README, "Reliability").
 
     Faults and attacks are drawn from (seed, round, client[, key]) alone, like every other random
     draw of a run, so a resumed run meets the same faults as the uninterrupted one.
@@ -301,7 +301,7 @@ class ReliabilityConfig:
 
 @dataclass(frozen=True)
 class HaflConfig:
-    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see docs/hafl.md.
+    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see README, "HAFL".
 
     Su, Yan, Deng, arXiv 2411.06581 v1. Options the paper does not settle are marked reconstructed.
     """
@@ -375,7 +375,7 @@ class SAFedLoraConfig:
     does FedAvg. Then the backbone is frozen and an AdaLoRA adapter P diag(lambda) Q of rank rank_init per
     matrix is trained; the budget b(t) (rank-1 triplets over all matrices) falls from rank_init x n_matrices
     to target_rank x n_matrices along AdaLoRA's cubic schedule over the annealing rounds. The paper gives the
-    idea only; the formulas are reconstructed (see docs/safedlora.md and fltac.server.safedlora).
+    idea only; the formulas are reconstructed (see README, "SA-FedLoRA", and fltac.server.safedlora).
     """
 
     init_rounds: int = _help("Rounds of the initiating stage (proximal term, FedAvg); 0 = anneal from round 1.", 1)
