@@ -83,19 +83,9 @@ def tasks() -> list[Task]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from fltac.models.backbone import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+def tiny_model(tiny_bert) -> str:
+    """The session's tiny random BERT (tests/conftest.py): 2 layers, hidden 32, MiniLM's tokenizer."""
+    return tiny_bert
 
 
 BASE = {"partition.n_clients": 4, "train.rounds": 2, "train.local_steps": 2, "train.batch_size": 4,

@@ -49,8 +49,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fltac.config import RunConfig, from_dict, load_config
-from fltac.engines.faults import required_clients
-from fltac.engines.inprocess import ClientResult, InProcessEngine, RunError, sent_part, train_client
+from fltac.engines.inprocess import ClientResult, InProcessEngine, RunError, check_enough_sampled, sent_part, train_client
 from fltac.server.strategies import Submission
 
 #: Seconds a train round waits beyond ``reliability.client_timeout_s`` for a reply (transport, process start).
@@ -191,10 +190,7 @@ class FlowerEngine(InProcessEngine):
     def _run_clients(self, exp, r, jobs, n_sampled, metrics, sent, bar):
         """Send each sampled client its broadcasts in one message; collect the replies as submissions."""
         rel = self.cfg.reliability
-        need = required_clients(rel, n_sampled)
-        if need > n_sampled:
-            raise RunError(f"config key 'reliability.min_clients_per_round' = {rel.min_clients_per_round} exceeds "
-                           f"the {n_sampled} client(s) sampled per round: every round would stop")
+        check_enough_sampled(rel, n_sampled)
         by_client: dict[int, list] = {}
         for job in jobs:
             by_client.setdefault(job.client, []).append(job)

@@ -171,6 +171,13 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     return out
 
 
+def check_enough_sampled(rel, n_sampled: int) -> None:
+    """Stop before training when ``min_clients_per_round`` exceeds the clients sampled: every round would fail."""
+    if required_clients(rel, n_sampled) > n_sampled:
+        raise RunError(f"config key 'reliability.min_clients_per_round' = {rel.min_clients_per_round} exceeds "
+                       f"the {n_sampled} client(s) sampled per round: every round would stop")
+
+
 class InProcessEngine:
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
                  log: tuple[str, ...] = ()):
@@ -350,10 +357,7 @@ class InProcessEngine:
         (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
         """
         cfg, rel = self.cfg, self.cfg.reliability
-        need = required_clients(rel, n_sampled)
-        if need > n_sampled:
-            raise RunError(f"config key 'reliability.min_clients_per_round' = {rel.min_clients_per_round} exceeds "
-                           f"the {n_sampled} client(s) sampled per round: every round would stop")
+        check_enough_sampled(rel, n_sampled)
         by_client: dict[int, list] = {}
         for job in jobs:
             by_client.setdefault(job.client, []).append(job)
