@@ -109,7 +109,7 @@ def reference_round_seconds(exp_fp32, max_length: int) -> float:
                 it = iter(loader)
                 continue
             batch = store.batch(b_rows.numpy())
-            loss = task_loss(model.logits(b_ids, b_mask), batch)
+            loss = task_loss(model.logits(input_ids=b_ids, attention_mask=b_mask), batch)
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -91,7 +91,7 @@ def test_peft_alone_gives_fltac_logits_and_accuracy(exported, experiment, tiny_r
             for i, rows in enumerate(experiment.evaluator.batches[t]):
                 batch = experiment.evaluator.store.batch(rows)
                 batches[f"ids{i}"], batches[f"mask{i}"] = batch.input_ids, batch.attention_mask
-                ours[task].append(experiment.model.logits(batch.input_ids, batch.attention_mask))
+                ours[task].append(experiment.model.logits(**batch.model_inputs()))
         save_file(batches, str(tmp_path / f"{task}_inputs.safetensors"))
         args += [str(folder), *(str(tmp_path / f"{task}_{kind}.safetensors") for kind in ("inputs", "logits"))]
         metas[task] = (t, labels["tasks"][0])

@@ -120,7 +120,7 @@ def test_masked_triplets_are_neither_trained_nor_sent(staged):
     opt = torch.optim.AdamW(staged.param_groups(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         ids, att, y = _random_batch(gen)
-        loss = torch.nn.functional.cross_entropy(staged.logits(ids, att), y)
+        loss = torch.nn.functional.cross_entropy(staged.logits(input_ids=ids, attention_mask=att), y)
         (loss + sum(h.extra_loss(staged.params) for h in hooks)).backward()
         for h in hooks:
             h.after_backward(staged.params)

@@ -93,7 +93,7 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
     losses, tokens = [], 0
     for rows in sample_batches(job.rows, job.steps, cfg.batch_size, rng):
         batch = store.batch(rows)
-        loss = task_loss(model.logits(batch.input_ids, batch.attention_mask), batch)
+        loss = task_loss(model.logits(**batch.model_inputs()), batch)
         extra = [t for t in (h.extra_loss(model.params) for h in hooks) if t is not None]
         (loss + sum(extra)).backward()
         for h in hooks:

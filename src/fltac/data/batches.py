@@ -33,6 +33,10 @@ class Batch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The backbone's keyword arguments for this batch (every store's batch type has this method)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
 
 @dataclass
 class TokenStore:

@@ -29,7 +29,7 @@ class Evaluator:
         preds, trues = [], []
         for rows in self.batches[task]:
             batch = self.store.batch(rows)
-            logits = self.model.logits(batch.input_ids, batch.attention_mask)
+            logits = self.model.logits(**batch.model_inputs())
             preds.append(logits[:, lo:hi].argmax(-1).cpu().numpy() + lo)
             trues.append(batch.labels.numpy())
         return np.concatenate(preds), np.concatenate(trues)

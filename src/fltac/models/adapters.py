@@ -96,8 +96,9 @@ class AdapterModel:
             for k, p in self.params.items():
                 p.copy_(state[k])
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+    def logits(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """float32 logits for a batch's ``model_inputs()`` (token ids and mask, or pixel values)."""
+        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         return out.logits.float()
 
 
