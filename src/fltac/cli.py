@@ -16,12 +16,13 @@ import sys
 
 from fltac.assets import AssetMissing
 from fltac.config import FLAG_KEYS, ConfigError, load_config, parse_override
+from fltac.data.hub import HubUnavailable
 from fltac.io import AdapterFileError
 from fltac.models.adapters import AdapterMismatch
 from fltac.models.backbone import ModelLoadError
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, AdapterFileError, AdapterMismatch)
+USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, AdapterFileError, AdapterMismatch, HubUnavailable)
 
 
 def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:

@@ -111,13 +111,17 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora) or 'custom' "
-                          "(the tasks listed in data.custom_tasks).", "text5")
+    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora), 'glue' (the paper's "
+                          "GLUE tasks, from the hub or data.source) or 'custom' (the tasks listed in "
+                          "data.custom_tasks).", "text5")
     tasks: Optional[list[str]] = _help("Subset of the scenario's tasks, in this order; null = all.", None)
     max_length: int = _help("Tokens kept per text (longer texts are truncated).", 64)
     split_seed: int = _help("Seed of the stratified 80/20 split for corpora without an official test split.", 0)
     test_fraction: float = _help("Held-out fraction for corpora without an official test split.", 0.2)
     max_train_per_task: Optional[int] = _help("Cap on training examples per task (seeded sample); null = all.", None)
+    source: Optional[str] = _help(
+        "Hub scenarios only: where the data comes from. null = the scenario's hub dataset (glue: nyu-mll/glue); "
+        "a local folder with the same layout (e.g. a clone of the dataset repository) works without the hub.", None)
     custom_tasks: Optional[list[TaskSpec]] = _help(
         "scenario: custom only: the tasks, in order (which fixes label offsets and partition seeds). "
         "See TaskSpec for the keys of each.", None)

@@ -18,9 +18,13 @@ def load_tasks(cfg: DataConfig) -> list[Task]:
         from fltac.data.custom import custom_loaders
 
         loaders = custom_loaders(cfg.custom_tasks)
+    elif cfg.scenario == "glue":  # the paper's GLUE tasks, from the hub or a local copy (data.source)
+        from fltac.data.glue import glue_loaders
+
+        loaders = glue_loaders(cfg.source)
     elif cfg.scenario not in SCENARIOS:
         raise ConfigError(f"config key 'data.scenario': unknown scenario '{cfg.scenario}' "
-                          f"(known: {sorted(SCENARIOS) + ['custom']})")
+                          f"(known: {sorted(SCENARIOS) + ['custom', 'glue']})")
     else:
         loaders = SCENARIOS[cfg.scenario]
     names = cfg.tasks or list(loaders)

@@ -28,6 +28,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T] int64
     labels: torch.Tensor          # [B] index in the shared output layer
     allowed: torch.Tensor         # [B, n_outputs] bool: the output units of each row's task
+    token_type_ids: torch.Tensor | None = None  # [B, T] int64: segment of each token (text pairs), or None
 
     @property
     def n_tokens(self) -> int:
@@ -35,7 +36,10 @@ class Batch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The backbone's keyword arguments for this batch (every store's batch type has this method)."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
+        return inputs
 
 
 @dataclass
@@ -46,6 +50,7 @@ class TokenStore:
     task: np.ndarray       # [N] int64, task index
     pad_id: int
     space: LabelSpace
+    type_ids: np.ndarray | None = None  # [N, max_length] int8 token types, only when some task has text pairs
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -59,22 +64,35 @@ class TokenStore:
         ends = offsets + np.asarray(self.space.sizes)[self.task[rows]]
         units = np.arange(self.space.n_outputs)[None, :]
         allowed = torch.from_numpy((units >= offsets[:, None]) & (units < ends[:, None]))
-        return Batch(ids, mask, torch.from_numpy(self.labels[rows]), allowed)
+        types = None if self.type_ids is None else torch.from_numpy(self.type_ids[rows, :width].astype(np.int64))
+        return Batch(ids, mask, torch.from_numpy(self.labels[rows]), allowed, types)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids ``[N, max_length]`` (pad-filled) and lengths, truncating each text to ``max_length``."""
+def tokenize(tokenizer, texts: list, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Token ids ``[N, max_length]`` (pad-filled), lengths, and token types (None for single texts).
+
+    ``texts`` holds strings, or ``(text_a, text_b)`` pairs (GLUE's sentence-pair tasks), encoded as the
+    tokenizer's pair (BERT: ``[CLS] a [SEP] b [SEP]``, types 0 then 1), the longer text truncated first.
+    """
     if not texts:  # e.g. a client holding none of a task's rows (fltac.experiment.build_client)
-        return np.zeros((0, max_length), dtype=np.int32), np.zeros(0, dtype=np.int32)
-    cut = [t[: max_length * CHARS_PER_TOKEN_BOUND] for t in texts]
-    enc = tokenizer(cut, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        return np.zeros((0, max_length), dtype=np.int32), np.zeros(0, dtype=np.int32), None
+    cut = max_length * CHARS_PER_TOKEN_BOUND
+    pairs = isinstance(texts[0], (tuple, list))
+    if pairs:
+        enc = tokenizer([a[:cut] for a, _ in texts], [b[:cut] for _, b in texts], truncation="longest_first",
+                        max_length=max_length, padding=False, return_token_type_ids=True)
+    else:
+        enc = tokenizer([t[:cut] for t in texts], truncation=True, max_length=max_length, padding=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(enc), max_length), pad, dtype=np.int32)
-    lengths = np.zeros(len(enc), dtype=np.int32)
-    for i, seq in enumerate(enc):
+    ids = np.full((len(texts), max_length), pad, dtype=np.int32)
+    types = np.zeros((len(texts), max_length), dtype=np.int8) if pairs else None
+    lengths = np.zeros(len(texts), dtype=np.int32)
+    for i, seq in enumerate(enc["input_ids"]):
         ids[i, : len(seq)] = seq
         lengths[i] = len(seq)
-    return ids, lengths
+        if pairs:
+            types[i, : len(seq)] = enc["token_type_ids"][i]
+    return ids, lengths, types
 
 
 def build_store(tokenizer, tasks: list[Task], space: LabelSpace, max_length: int, split: str,
@@ -84,22 +102,26 @@ def build_store(tokenizer, tasks: list[Task], space: LabelSpace, max_length: int
     Returns the store and, per task, the store row of each of that task's selected rows (all rows,
     or ``rows_per_task[t]``), so task-local indices (the partition's) map to store rows.
     """
-    all_ids, all_len, all_lab, all_task, index = [], [], [], [], []
+    all_ids, all_len, all_types, all_lab, all_task, index = [], [], [], [], [], []
     start = 0
     for t, task in enumerate(tasks):
         texts = task.train_texts if split == "train" else task.test_texts
         labels = task.train_labels if split == "train" else task.test_labels
         rows = np.arange(len(texts)) if rows_per_task is None else np.asarray(rows_per_task[t])
-        ids, lengths = tokenize(tokenizer, [texts[i] for i in rows], max_length)
+        ids, lengths, types = tokenize(tokenizer, [texts[i] for i in rows], max_length)
         all_ids.append(ids)
         all_len.append(lengths)
+        all_types.append(types)
         all_lab.append(labels[rows] + space.offsets[t])
         all_task.append(np.full(len(rows), t, dtype=np.int64))
         index.append(np.arange(start, start + len(rows)))
         start += len(rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    types = None
+    if any(t is not None for t in all_types):  # single-text tasks beside pair tasks get type 0 everywhere
+        types = np.concatenate([t if t is not None else np.zeros(i.shape, np.int8) for t, i in zip(all_types, all_ids)])
     store = TokenStore(np.concatenate(all_ids), np.concatenate(all_len), np.concatenate(all_lab),
-                       np.concatenate(all_task), pad, space)
+                       np.concatenate(all_task), pad, space, types)
     return store, index
 
 

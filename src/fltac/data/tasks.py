@@ -16,9 +16,9 @@ import numpy as np
 class Task:
     name: str
     labels: list[str]              # label names; local label j is labels[j]
-    train_texts: list[str]
+    train_texts: list              # strings, or (text_a, text_b) pairs for sentence-pair tasks (GLUE)
     train_labels: np.ndarray       # local label ids, int64
-    test_texts: list[str]
+    test_texts: list
     test_labels: np.ndarray
     #: Natural federated data: the owner (author, site, device) of each training row, or None for the
     #: Dirichlet split. See :func:`fltac.data.partition.partition_by_owner`.
