@@ -242,7 +242,8 @@ def test_every_method_gives_the_inprocess_result_through_flower_messages(method,
 
     from fltac.engines.flower import FlowerEngine
 
-    extra = {"method": method, "train.rounds": 2, "num_threads": 1}
+    # one adapter per pass in both: Flower clients train one by one, and this test is about the Message layer
+    extra = {"method": method, "train.rounds": 2, "num_threads": 1, "train.adapters_per_pass": 1}
     if method == "safedlora":  # one initiating round, then one annealing round
         extra.update({"safedlora.rank_init": 4, "safedlora.target_rank": 1, "safedlora.cool_rounds": 0})
     ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)

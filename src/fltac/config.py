@@ -112,19 +112,25 @@ class TaskSpec:
 @dataclass(frozen=True)
 class DataConfig:
     scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora), 'glue' (the paper's "
-                          "GLUE tasks, from the hub or data.source) or 'custom' (the tasks listed in "
-                          "data.custom_tasks).", "text5")
+                          "GLUE tasks, from the hub or data.source), 'vision_offline' (MNIST + digits on a ViT "
+                          "pretrained on Fashion-MNIST), 'cifar' (CIFAR-10/100, from the hub or data.source) or "
+                          "'custom' (the tasks listed in data.custom_tasks).", "text5")
     tasks: Optional[list[str]] = _help("Subset of the scenario's tasks, in this order; null = all.", None)
     max_length: int = _help("Tokens kept per text (longer texts are truncated).", 64)
     split_seed: int = _help("Seed of the stratified 80/20 split for corpora without an official test split.", 0)
     test_fraction: float = _help("Held-out fraction for corpora without an official test split.", 0.2)
     max_train_per_task: Optional[int] = _help("Cap on training examples per task (seeded sample); null = all.", None)
     source: Optional[str] = _help(
-        "Hub scenarios only: where the data comes from. null = the scenario's hub dataset (glue: nyu-mll/glue); "
+        "Hub scenarios only: where the data comes from. null = the scenario's hub dataset (glue: nyu-mll/glue; dolly: "
+        "databricks/databricks-dolly-15k, or a local .jsonl/.parquet file or save_to_disk folder of it); "
         "a local folder with the same layout (e.g. a clone of the dataset repository) works without the hub.", None)
     custom_tasks: Optional[list[TaskSpec]] = _help(
         "scenario: custom only: the tasks, in order (which fixes label offsets and partition seeds). "
         "See TaskSpec for the keys of each.", None)
+    cache_dir: Optional[str] = _help(
+        "Folder for derived files: hub images decoded once (vision/*.npz), the pretrained offline ViT "
+        "(vit-fashion-mnist/) and the packaged GGUF causal LM dequantised once to safetensors (smollm2-*/); "
+        "null = ~/.cache/fltac.", None)
 
     def __post_init__(self):
         if self.scenario == "custom":
@@ -184,8 +190,19 @@ class TrainConfig:
                                "(fedavg_full; safedlora's initiating stage with init_train: full).", 5e-5)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     fraction_fit: float = _help("Fraction of clients sampled each round (seeded); 1.0 = full participation.", 1.0)
+    adapters_per_pass: int = _help(
+        "Fast path: up to this many adapters (a round's jobs with the same number of steps, any clients) share "
+        "every backbone pass, each with its own rows, dropout draws and AdamW state, so results equal training "
+        "them one by one up to float rounding (README, 'Performance'). Used when the method's clients run no "
+        "hooks (fltac, fedit, centralized), the backbone has no dropout and reliability.client_timeout_s is "
+        "null (one shared pass cannot time one client); otherwise, or with 1, adapters train one at a time.", 64)
+    pass_tokens: int = _help(
+        "Fast path: padded tokens (rows x width) per forward pass. A step's batches beyond it run as several "
+        "passes bucketed by length (gradients accumulate), bounding activation memory.", 16384)
 
     def __post_init__(self):
+        _check(self.adapters_per_pass >= 1, "train.adapters_per_pass", "must be at least 1")
+        _check(self.pass_tokens >= 1, "train.pass_tokens", "must be at least 1")
         for name in ("rounds", "local_steps", "batch_size"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
         _check(self.lr > 0, "train.lr", "must be positive")
@@ -220,11 +237,26 @@ class EvalConfig:
     eval_every: int = _help("Evaluate every this many rounds (the last round is always evaluated).", 1)
     eval_size: int = _help("Test examples per task: a fixed seeded sample of the test split (never the first N).", 300)
     batch_size: int = _help("Examples per evaluation forward pass.", 128)
+    judge: Literal["rouge_l", "token_f1", "llm"] = _help(
+        "Causal-LM scenarios: how generated answers are scored in [0, 1] against the reference. rouge_l (ROUGE-L "
+        "F1 on words) and token_f1 run offline; llm asks a chat-completions endpoint to rate 1-10 (the paper's "
+        "GPT-4 scoring; see judge_endpoint).", "rouge_l")
+    judge_samples: int = _help("Causal-LM scenarios: held-out pairs per task whose generated answers are judged (a "
+                               "seeded sample of the eval sample), at the last round; 0 = no generation.", 8)
+    max_new_tokens: int = _help("Causal-LM scenarios: tokens generated per judged answer (greedy).", 32)
+    judge_endpoint: Optional[str] = _help(
+        "judge: llm only: an OpenAI-compatible chat-completions URL; null = $FLTAC_JUDGE_ENDPOINT. The API key is "
+        "read only from $FLTAC_JUDGE_API_KEY, never from a config.", None)
+    judge_model: Optional[str] = _help("judge: llm only: the model name sent to the endpoint (null: none sent).", None)
 
     def __post_init__(self):
         _check(self.eval_every >= 1, "eval.eval_every", "must be at least 1")
         _check(self.eval_size >= 1, "eval.eval_size", "must be at least 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be at least 1")
+        _check(self.judge_samples >= 0, "eval.judge_samples", "must be non-negative")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1")
+        _check(self.judge == "llm" or (self.judge_endpoint is None and self.judge_model is None), "eval.judge_endpoint",
+               "and eval.judge_model are only read with eval.judge: llm")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,10 @@ import torch
 from fltac.client.hooks import Hook
 from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
+from fltac.data.chat import LMBatch
 from fltac.models.adapters import AdapterModel
+from fltac.models.causal_lm import lm_loss
+from fltac.models.bank import AdapterBank, Group
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,21 @@ def plan_jobs(method: str, client_rows: list[list[np.ndarray]], local_steps: int
     return jobs
 
 
-def task_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Cross-entropy over each row's own task slice of the shared output layer.
+def row_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-row cross-entropy over each row's own task slice of the shared output layer.
 
     Units of other tasks are masked out, so a row's gradient reaches only its task's head rows.
     """
     masked = logits.masked_fill(~batch.allowed.to(logits.device), torch.finfo(logits.dtype).min)
-    return torch.nn.functional.cross_entropy(masked, batch.labels.to(logits.device))
+    return torch.nn.functional.cross_entropy(masked, batch.labels.to(logits.device), reduction="none")
+
+
+def task_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The batch's mean :func:`row_losses`: the loss one adapter's step minimises. A causal-LM batch
+    (:class:`~fltac.data.chat.LMBatch`) takes the mean next-token loss over its response tokens instead."""
+    if isinstance(batch, LMBatch):
+        return lm_loss(logits, batch.labels)
+    return row_losses(logits, batch).mean()
 
 
 def job_seed(seed: int, round_: int, client: int, key: str) -> int:
@@ -105,3 +116,82 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
         losses.append(loss.detach())
         tokens += batch.n_tokens
     return model.state(), torch.stack(losses).tolist(), tokens
+
+
+def micro_batches(widths: list[int], sizes: list[int], max_tokens: int) -> list[list[int]]:
+    """Adapters (indices) grouped into forward passes of at most ``max_tokens`` padded tokens each.
+
+    Length bucketing: adapters are taken in order of their batch width, so each pass pads its rows
+    only to widths close to their own. An adapter's batch is never split (its dropout draws and its
+    loss stay whole); one whose batch alone exceeds ``max_tokens`` gets a pass of its own.
+    """
+    passes, current, widest = [], [], 0
+    for g in sorted(range(len(widths)), key=lambda i: (widths[i], i)):
+        rows = sum(sizes[i] for i in current) + sizes[g]
+        if current and rows * max(widest, widths[g]) > max_tokens:
+            passes.append(current)
+            current, widest = [], 0
+        current.append(g)
+        widest = max(widest, widths[g])
+    return passes + [current] if current else passes
+
+
+def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor]], store: TokenStore,
+                        jobs: list[Job], cfg: TrainConfig, seeds: list[int],
+                        max_tokens: int) -> list[tuple[dict[str, torch.Tensor], list[float], int]]:
+    """:func:`train_job` for several jobs at once, sharing every backbone pass (:mod:`fltac.models.bank`).
+
+    Each job keeps its own batches (its seed's generator), its own dropout draws and its own AdamW state,
+    so the results equal one-by-one training up to float rounding. All jobs must take the same number of
+    steps (an adapter outside a step would still be moved by AdamW's momentum). The methods whose clients
+    use hooks train one by one instead.
+    """
+    steps = {job.steps for job in jobs}
+    if len(steps) != 1:
+        raise ValueError(f"jobs trained together must take the same number of steps, got {sorted(steps)}")
+    bank = AdapterBank(model, starts, seeds)
+    samplers = [sample_batches(job.rows, job.steps, cfg.batch_size, np.random.default_rng(seed))
+                for job, seed in zip(jobs, seeds)]
+    opt = torch.optim.AdamW(list(bank.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses: list[list[torch.Tensor]] = [[] for _ in jobs]
+    tokens = [0] * len(jobs)
+    model.model.train()
+    with bank.installed():
+        for _ in range(steps.pop()):
+            rows = [next(sampler) for sampler in samplers]
+            widths = [int(store.lengths[r].max()) for r in rows]
+            for members in micro_batches(widths, [len(r) for r in rows], max_tokens):
+                groups, start = [], 0
+                for g in members:
+                    groups.append(Group(g, start, start + len(rows[g]), widths[g]))
+                    start += len(rows[g])
+                batch = store.batch(np.concatenate([rows[g] for g in members]))
+                bank.set_groups(groups)
+                per_row = row_losses(model.logits(**batch.model_inputs()), batch)
+                per_job = [per_row[grp.start:grp.end].mean() for grp in groups]
+                torch.stack(per_job).sum().backward()
+                for grp, loss in zip(groups, per_job):
+                    losses[grp.adapter].append(loss.detach())
+                    tokens[grp.adapter] += int(store.lengths[rows[grp.adapter]].sum())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return [(state, torch.stack(job_losses).tolist(), n_tok)
+            for state, job_losses, n_tok in zip(bank.states(), losses, tokens)]
+
+
+def train_all_together(model: AdapterModel, store: TokenStore, jobs: list[Job], starts: dict, cfg: TrainConfig,
+                       seeds: dict) -> dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[float], int]]:
+    """Every job of ``jobs`` trained by :func:`train_jobs_together`, in passes of up to ``cfg.adapters_per_pass``
+    jobs with equal step counts; keyed by (client, key). ``starts``/``seeds``: per (client, key)."""
+    by_steps: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_steps.setdefault(job.steps, []).append(job)
+    out = {}
+    for same in by_steps.values():
+        for i in range(0, len(same), cfg.adapters_per_pass):
+            chunk = same[i: i + cfg.adapters_per_pass]
+            ids = [(j.client, j.key) for j in chunk]
+            results = train_jobs_together(model, [starts[k] for k in ids], store, chunk, cfg,
+                                          [seeds[k] for k in ids], cfg.pass_tokens)
+            out.update(zip(ids, results))
+    return out

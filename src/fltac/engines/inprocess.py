@@ -31,12 +31,12 @@ import numpy as np
 
 from fltac import io, rng
 from fltac.client.hooks import make_hooks
-from fltac.client.train import job_seed, train_job
+from fltac.client.train import job_seed, train_all_together, train_job
 from fltac.config import ConfigError, RunConfig, from_dict
 from fltac.engines.faults import required_clients, run_client, tamper
 from fltac.eval.progress import Progress, eta, format_seconds
 from fltac.experiment import Experiment, build_experiment
-from fltac.models.adapters import state_bytes
+from fltac.models.adapters import AdapterModel, state_bytes
 from fltac.models.backbone import cpu_model
 from fltac.server.aggregate import clustering_scores
 from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
@@ -47,7 +47,9 @@ CLUSTERS = "cluster_assignments.jsonl"
 CHECKPOINT = "checkpoint"
 #: What a run writes into output_dir; all of it is removed by --overwrite, nothing else is.
 TASKS = "tasks.json"  # per task: name, label names, offset in the shared output layer (for export)
-RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard")
+GENERATIONS = "generations.jsonl"  # causal LM, last round: per judged pair, prompt, reference, prediction, score
+RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard",
+             GENERATIONS)
 #: Config keys that may differ between a run and its resume: they do not change any result.
 RESUME_FREE_KEYS = {"output_dir"}
 
@@ -126,13 +128,15 @@ def sent_part(b) -> dict:
 
 
 def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list, broadcasts: dict,
-                 task_names: list[str], bar=None) -> ClientResult:
+                 task_names: list[str], bar=None, trained: dict | None = None) -> ClientResult:
     """Train one client's jobs of round ``r`` from its broadcasts, under its injected faults and time limit.
 
     The client side of a round, shared by every engine: the in-process engine calls it for each client
     in turn on its one model; the Flower ClientApp calls it on the SuperNode's own model and data
     (:mod:`fltac.engines.flower`). A client that raises or runs late is dropped whole for the round
     (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
+    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
+    keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
     """
     rel, bar = cfg.reliability, bar or _NoBar()
     out = ClientResult()
@@ -140,8 +144,11 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     def train(job):
         b = broadcasts[job.key]
         hooks = make_hooks(b.config, b.state)
-        state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
-                                         job_seed(cfg.seed, r, job.client, job.key), hooks)
+        if trained is not None and (job.client, job.key) in trained:
+            state, losses, n_tok = trained[(job.client, job.key)]
+        else:
+            state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
+                                             job_seed(cfg.seed, r, job.client, job.key), hooks)
         for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
             state = h.outgoing(state)
         bar.step(note=f"client {job.client}")
@@ -169,6 +176,18 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
                            for note in notes)
         out.uploads.append((job.key, state, job.num_examples, extras))
     return out
+
+
+def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
+    """Whether a round's adapters may share backbone passes (the fast path; see ``train.adapters_per_pass``).
+
+    Needs: more than one adapter per pass allowed; a plain LoRA classifier (not a staged backbone); no client
+    hooks (their per-adapter terms act on one adapter's tensors); no backbone dropout (its draws would span
+    groups); and no client time limit (a shared pass cannot time one client).
+    """
+    return (cfg.train.adapters_per_pass > 1 and isinstance(model, AdapterModel)
+            and model.peft_config.task_type == "SEQ_CLS" and cfg.backbone_dropout == 0.0
+            and cfg.reliability.client_timeout_s is None and not any(b.config for b in broadcasts))
 
 
 def check_enough_sampled(rel, n_sampled: int) -> None:
@@ -362,16 +381,24 @@ class InProcessEngine:
         for job in jobs:
             by_client.setdefault(job.client, []).append(job)
         subs, tokens, expected = [], 0, {}
+        broadcasts = {client: {j.key: exp.strategy.configure(r, client, j.key) for j in cjobs}
+                      for client, cjobs in by_client.items()}
+        trained = None
+        if trains_together(exp.model, cfg, [b for per in broadcasts.values() for b in per.values()]):
+            trained = train_all_together(exp.model, exp.train_store, jobs,
+                                         {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
+                                         cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
+                                                     for j in jobs})
         for client, cjobs in by_client.items():
-            broadcasts = {j.key: exp.strategy.configure(r, client, j.key) for j in cjobs}
-            for key, b in broadcasts.items():
+            for key, b in broadcasts[client].items():
                 sent.setdefault(client, {})[id(b.state)] = state_bytes(b.state)
                 expected[(client, key)] = exp.strategy.expected_spec(client, key, b)
 
-            result = train_client(exp.model, exp.train_store, cfg, r, client, cjobs, broadcasts, exp.task_names, bar)
+            result = train_client(exp.model, exp.train_store, cfg, r, client, cjobs, broadcasts[client],
+                                  exp.task_names, bar, trained)
             metrics.extend(result.records)
             tokens += result.tokens
-            subs.extend(Submission(client, key, state, n, sent_part(broadcasts[key]), extras)
+            subs.extend(Submission(client, key, state, n, sent_part(broadcasts[client][key]), extras)
                         for key, state, n, extras in result.uploads)
         return subs, tokens, expected
 
@@ -421,7 +448,10 @@ class InProcessEngine:
 
     def evaluate(self, exp: Experiment, r: int) -> list[dict]:
         """Per task: the serving global adapter's accuracy, and the personalised accuracy (each client's own
-        assigned adapter on its share of the task, weighted by that share)."""
+        assigned adapter on its share of the task, weighted by that share). A causal-LM run records its LM
+        loss in their place (``lm_loss``, ``personalized_lm_loss``; ``exp.evaluator.metric``) and, at the last
+        round, the judge score of the serving adapter's generated answers (:meth:`judge`)."""
+        metric = exp.evaluator.metric
         cache: dict[tuple[int, int], float] = {}
         served = self.served_slots(exp)
         needed = {(s, t) for t, s in enumerate(served)} | {
@@ -431,7 +461,7 @@ class InProcessEngine:
 
         def acc(slot: int, t: int) -> float:
             if (slot, t) not in cache:
-                cache[(slot, t)] = exp.evaluator.accuracy(exp.strategy.slots_[slot], t)
+                cache[(slot, t)] = exp.evaluator.score(exp.strategy.slots_[slot], t)
                 bar.step(note=exp.task_names[t])
             return cache[(slot, t)]
 
@@ -444,9 +474,27 @@ class InProcessEngine:
                     n = float(np.sum(exp.train_store.task[job.rows] == t))
                     num, den = num + n * acc(slot, t), den + n
             records.append({"phase": "eval", "round": r, "task": name, "slot": served[t],
-                            "accuracy": acc(served[t], t), "personalized_accuracy": num / den if den else None})
+                            metric: acc(served[t], t), f"personalized_{metric}": num / den if den else None})
         bar.close()
+        if r == self.cfg.train.rounds and metric == "lm_loss" and self.cfg.eval.judge_samples:
+            self.judge(exp, r, served, records)
         return records
+
+    def judge(self, exp: Experiment, r: int, served: list[int], records: list[dict]) -> None:
+        """Causal LM: each task's serving adapter answers the task's judged prompts; the mean judge score goes
+        into the task's eval record (``judge_score``), every answer into ``generations.jsonl``."""
+        from fltac.eval.lm_eval import mean_score
+
+        lines = []
+        bar = self.progress(f"round {r}: tasks answered and judged", len(records))
+        for t, rec in enumerate(records):
+            answers = exp.evaluator.generate(exp.strategy.slots_[served[t]], t)
+            rec["judge_score"] = mean_score(answers)
+            lines.extend({"round": r, "task": rec["task"], "slot": served[t], **a} for a in answers)
+            bar.step(note=rec["task"])
+        bar.close()
+        (self.out / GENERATIONS).unlink(missing_ok=True)  # written once, at the last round
+        io.append_jsonl(self.out / GENERATIONS, lines)
 
     def _save_submissions(self, exp: Experiment, r: int, subs: list[Submission], starts: dict) -> None:
         """The adapters clients submitted in round ``r`` (FL-TAC, first and last round), for the report's projection.
@@ -469,27 +517,36 @@ class InProcessEngine:
             parts.append(f"clustering acc {clusters[0]['clustering_accuracy']:.3f}")
         if info.get("dropped"):
             parts.append(f"{info['dropped']} adapter(s) dropped")
-        if evals and evals[0]["round"] == r:
+        if evals and evals[0]["round"] == r and "accuracy" in evals[0]:
             parts.append(f"mean acc {np.mean([e['accuracy'] for e in evals]):.4f}")
+        elif evals and evals[0]["round"] == r:  # causal LM
+            parts.append(f"mean lm loss {np.mean([e['lm_loss'] for e in evals]):.4f}")
+            if "judge_score" in evals[0]:
+                parts.append(f"judge {np.mean([e['judge_score'] or 0.0 for e in evals]):.3f}")
         tok_s = info["train_tokens"] / max(info["train_seconds"], 1e-9)
         parts.append(f"{info['seconds']:.1f} s ({tok_s:,.0f} train tok/s)")
         return "[fltac] " + " | ".join(parts)
 
     def summary(self, exp: Experiment, counters: dict) -> dict:
         evals = counters["last_eval"] or []
-        per_task = {e["task"]: e["accuracy"] for e in evals}
-        personal = {e["task"]: e["personalized_accuracy"] for e in evals}
+        metric = exp.evaluator.metric  # accuracy; lm_loss for a causal LM (then also judge_score)
+        per_task = {e["task"]: e[metric] for e in evals}
+        personal = {e["task"]: e[f"personalized_{metric}"] for e in evals}
+        judged = {e["task"]: e["judge_score"] for e in evals if "judge_score" in e}
         clusters = io.read_jsonl(self.out / CLUSTERS)
         last = clusters[-1] if clusters else {}
         return {
             "method": self.cfg.method,
             "scenario": self.cfg.data.scenario,
             "tasks": exp.task_names,
-            "per_task_accuracy": per_task,
-            "mean_accuracy": float(np.mean(list(per_task.values()))) if per_task else None,
-            "personalized_accuracy": personal,
-            "mean_personalized_accuracy": float(np.mean([v for v in personal.values() if v is not None]))
+            f"per_task_{metric}": per_task,
+            f"mean_{metric}": float(np.mean(list(per_task.values()))) if per_task else None,
+            f"personalized_{metric}": personal,
+            f"mean_personalized_{metric}": float(np.mean([v for v in personal.values() if v is not None]))
             if personal else None,
+            **({"per_task_judge_score": judged, "judge": self.cfg.eval.judge,
+                "mean_judge_score": float(np.mean([v for v in judged.values() if v is not None]))
+                if any(v is not None for v in judged.values()) else None} if judged else {}),
             "clustering_accuracy": last.get("clustering_accuracy"),
             "ari": last.get("ari"),
             "nmi": last.get("nmi"),
@@ -508,13 +565,18 @@ class InProcessEngine:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'task':<14}{'accuracy':>10}{'personal':>10}", "-" * 34]
-    for task, acc in summary["per_task_accuracy"].items():
-        pers = summary["personalized_accuracy"].get(task)
-        lines.append(f"{task:<14}{acc:>10.4f}{(f'{pers:.4f}' if pers is not None else '-'):>10}")
-    lines.append("-" * 34)
-    mp = summary["mean_personalized_accuracy"]
-    lines.append(f"{'mean':<14}{summary['mean_accuracy']:>10.4f}{(f'{mp:.4f}' if mp is not None else '-'):>10}")
+    metric = "accuracy" if "per_task_accuracy" in summary else "lm_loss"  # a causal-LM run: LM loss and judge
+    judged = summary.get("per_task_judge_score")
+    fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    width = 34 + (10 if judged else 0)
+    lines = [f"{'task':<14}{metric:>10}{'personal':>10}" + (f"{'judge':>10}" if judged else ""), "-" * width]
+    for task, acc in summary[f"per_task_{metric}"].items():
+        pers = summary[f"personalized_{metric}"].get(task)
+        lines.append(f"{task:<14}{acc:>10.4f}{fmt(pers):>10}" + (f"{fmt(judged.get(task)):>10}" if judged else ""))
+    lines.append("-" * width)
+    mp = summary[f"mean_personalized_{metric}"]
+    lines.append(f"{'mean':<14}{summary[f'mean_{metric}']:>10.4f}{fmt(mp):>10}"
+                 + (f"{fmt(summary.get('mean_judge_score')):>10}" if judged else ""))
     ca = summary["clustering_accuracy"]
     lines.append(f"method {summary['method']}; clustering accuracy {ca if ca is None else f'{ca:.3f}'}; "
                  f"uplink {summary['uplink_bytes'] / 1e6:.2f} MB; {summary['wall_seconds']:.0f} s")

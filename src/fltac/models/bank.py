@@ -1,0 +1,129 @@
+"""Several adapters trained in ONE forward pass of the shared frozen backbone (the fast path of local training).
+
+The backbone is frozen and shared, and LoRA is additive: for a wrapped linear layer,
+``y = W x + s B_g A_g x``, where only ``A_g, B_g`` depend on the adapter ``g`` that example ``x``
+belongs to. So micro-batches of G different jobs (clients, tasks) go through the backbone together: the
+big ``W x`` matmuls see all G x b rows at once (large enough to run near the machine's matmul peak) and
+only the rank-r terms are per example, gathered from adapters stacked along a leading axis
+(``[G, r, d]``). The head likewise runs per group. The loss is the sum over groups of each group's mean
+loss, so adapter g's gradient is exactly the gradient of its own loss; AdamW is elementwise, so one
+optimizer over the stacked tensors steps every adapter as its own optimizer would.
+
+Same numbers as one by one (:func:`fltac.client.train.train_job`), up to float rounding: each group's
+rows, its LoRA dropout masks (drawn from the group's own generator, in the same order and shapes as a
+lone run draws them from the global one) and its AdamW steps are those of its lone run. What differs is
+padding (a group's rows are padded to the widest row of its micro-batch; padded keys are masked out of
+attention) and matmul blocking. ``tests/test_speed.py`` checks the equality.
+
+The bank patches the peft LoRA layers' and the head's ``forward`` while it is installed
+(:meth:`AdapterBank.installed`), and restores them after; outside it the model is the plain peft model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from peft.utils.other import ModulesToSaveWrapper
+
+from fltac.models.adapters import AdapterModel, canonical_key
+
+
+@dataclass
+class Group:
+    """The rows of one adapter inside a micro-batch: ``rows[start:end]``, its lone-run batch ``width``."""
+
+    adapter: int
+    start: int
+    end: int
+    width: int
+
+
+class AdapterBank:
+    """G adapter states stacked as float32 leaf tensors ``[G, *shape]`` on the model's device."""
+
+    def __init__(self, model: AdapterModel, states: list[dict[str, torch.Tensor]], seeds: list[int]):
+        self.model = model
+        self.params = {k: torch.nn.Parameter(torch.stack([s[k] for s in states]).to(model.device, torch.float32))
+                       for k in model.params}
+        #: Each adapter's dropout generator, seeded as its lone run seeds the global generator.
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.groups: list[Group] = []
+        self.index: torch.Tensor | None = None  # [n] adapter of each row of the current micro-batch
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        """Float32 CPU copies of every adapter, in bank order."""
+        return [{k: p[g].detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
+                for g in range(len(self))]
+
+    def set_groups(self, groups: list[Group]) -> None:
+        """Declare the layout of the next forward pass (contiguous rows per adapter)."""
+        self.groups = groups
+        self.index = torch.cat([torch.full((g.end - g.start,), g.adapter, dtype=torch.long) for g in groups]
+                               ).to(self.model.device)
+
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """LoRA-input dropout, each group's mask drawn from its own generator at its lone-run shape."""
+        if p == 0.0:
+            return x
+        parts = []
+        for g in self.groups:
+            rows = x[g.start:g.end]
+            keep = torch.empty((g.end - g.start, g.width, x.shape[-1]), dtype=x.dtype)
+            keep.bernoulli_(1 - p, generator=self.generators[g.adapter]).div_(1 - p)
+            if rows.shape[1] > g.width:  # padding past the group's own width: never attended, left as is
+                keep = torch.cat([keep, keep.new_ones(keep.shape[0], rows.shape[1] - g.width, keep.shape[2])], 1)
+            parts.append(rows * keep.to(x.device))
+        return torch.cat(parts)
+
+    def _lora_forward(self, layer: LoraLinear, key: str):
+        a_key, b_key = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+        p = float(layer.lora_dropout["default"].p) if isinstance(layer.lora_dropout["default"], torch.nn.Dropout) else 0.0
+        scaling = layer.scaling["default"]
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            result = layer.base_layer(x, *args, **kwargs)
+            h = self._dropout(x.to(torch.float32), p)
+            a = self.params[a_key].index_select(0, self.index)  # [n, r, d_in]
+            b = self.params[b_key].index_select(0, self.index)  # [n, d_out, r]
+            flat = h.reshape(h.shape[0], -1, h.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+            return (result + delta.reshape(*result.shape)).to(result.dtype)
+
+        return forward
+
+    def _head_forward(self, wrapper: ModulesToSaveWrapper, prefix: str):
+        module = wrapper.modules_to_save["default"]
+        names = [n for n, _ in module.named_parameters()]
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            x = x.to(torch.float32)
+            outs = [torch.func.functional_call(module, {n: self.params[f"{prefix}{n}"][g.adapter] for n in names},
+                                               (x[g.start:g.end], *args), kwargs) for g in self.groups]
+            return torch.cat(outs)
+
+        return forward
+
+    @contextmanager
+    def installed(self):
+        """Route the model's LoRA layers and head through the bank for the duration of the block."""
+        patched = []
+        for name, module in self.model.model.named_modules():
+            if isinstance(module, LoraLinear):
+                key = canonical_key(f"{name}.lora_A.default.weight").removesuffix(".lora_A.weight")
+                patched.append(module)
+                module.forward = self._lora_forward(module, key)
+            elif isinstance(module, ModulesToSaveWrapper):
+                prefix = canonical_key(f"{name}.modules_to_save.default.x").removesuffix("x")
+                patched.append(module)
+                module.forward = self._head_forward(module, prefix)
+        try:
+            yield self
+        finally:
+            for module in patched:
+                del module.forward  # back to the class's own forward

@@ -1,0 +1,129 @@
+"""The fast path of local training changes no result beyond rounding.
+
+- several adapters trained in shared backbone passes (``fltac.models.bank``) equal the same adapters
+  trained one by one, dropout included (fp32, tiny BERT);
+- the bf16 backbone gives the fp32 loss and gradients within bf16 rounding (stated tolerances below);
+- ``dtype: auto`` follows the capability the CPU reports, mocked both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fltac.client.train import Job, job_seed, micro_batches, task_loss, train_job, train_jobs_together
+from fltac.config import load_config
+from fltac.engines.inprocess import run
+from fltac.experiment import build_experiment
+from tests.conftest import tiny_config_overrides
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_bert, csv_scenario, tmp_path_factory):
+    overrides = {**tiny_config_overrides(tiny_bert, tmp_path_factory.mktemp("speed")), "data.scenario": "custom",
+                 "data.custom_tasks": csv_scenario["tasks"], "train.batch_size": 5}
+    return build_experiment(load_config(None, overrides))
+
+
+def _jobs(exp, steps: int) -> list[Job]:
+    """Three jobs of different clients and tasks (so batch widths differ), ``steps`` steps each."""
+    picked, seen = [], set()
+    for job in exp.jobs:
+        if (job.client, job.tasks) not in seen and len(picked) < 3:
+            picked.append(replace(job, steps=steps))
+            seen.add((job.client, job.tasks))
+    return picked
+
+
+@pytest.mark.parametrize("pass_tokens", [10_000, 1])  # all jobs in one pass; one pass per job (bucketing)
+def test_jobs_trained_together_equal_jobs_trained_one_by_one(experiment, pass_tokens):
+    exp = experiment
+    assert exp.model.peft_config.lora_dropout > 0  # the dropout draws must match too
+    jobs = _jobs(exp, steps=3)
+    seeds = [job_seed(7, 1, j.client, j.key) for j in jobs]
+    start = exp.strategy.initial
+    alone = [train_job(exp.model, start, exp.train_store, j, exp.cfg.train, s) for j, s in zip(jobs, seeds)]
+    together = train_jobs_together(exp.model, [start] * len(jobs), exp.train_store, jobs, exp.cfg.train, seeds,
+                                   pass_tokens)
+    for (state_a, losses_a, tokens_a), (state_b, losses_b, tokens_b) in zip(alone, together):
+        assert tokens_a == tokens_b
+        np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
+        for key in state_a:
+            moved = (state_a[key] - start[key]).abs().max()
+            assert moved > 0
+            torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-4, atol=1e-6)
+    # the model is the plain peft model again afterwards
+    assert all("forward" not in vars(m) for m in exp.model.model.modules())
+
+
+def test_jobs_with_different_step_counts_are_refused(experiment):
+    jobs = _jobs(experiment, steps=2)
+    jobs[0] = replace(jobs[0], steps=3)
+    with pytest.raises(ValueError, match="same number of steps"):
+        train_jobs_together(experiment.model, [experiment.strategy.initial] * 3, experiment.train_store, jobs,
+                            experiment.cfg.train, [1, 2, 3], 10_000)
+
+
+def test_micro_batches_bucket_by_width_and_respect_the_token_budget():
+    widths, sizes = [40, 10, 38, 12, 64], [4, 4, 4, 4, 4]
+    passes = micro_batches(widths, sizes, max_tokens=4 * 2 * 40)
+    assert sorted(g for p in passes for g in p) == [0, 1, 2, 3, 4]
+    assert passes[0] == [1, 3]  # the two short batches share a pass
+    for members in passes:
+        assert len(members) == 1 or sum(sizes[g] for g in members) * max(widths[g] for g in members) <= 320
+    assert micro_batches(widths, sizes, max_tokens=1) == [[1], [3], [2], [0], [4]]
+
+
+def test_a_run_on_the_fast_path_matches_the_one_by_one_run(tiny_bert, csv_scenario, tmp_path):
+    base = {**tiny_config_overrides(tiny_bert, tmp_path), "data.scenario": "custom",
+            "data.custom_tasks": csv_scenario["tasks"]}
+    fast = run(load_config(None, {**base, "output_dir": str(tmp_path / "fast")}), quiet=True)
+    slow = run(load_config(None, {**base, "output_dir": str(tmp_path / "slow"), "train.adapters_per_pass": 1}),
+               quiet=True)
+    assert fast["per_task_accuracy"] == pytest.approx(slow["per_task_accuracy"], abs=1e-9)
+    assert fast["clustering_accuracy"] == slow["clustering_accuracy"]
+
+
+def _loss_and_grads(tiny_bert, csv_scenario, tmp_path, dtype: str):
+    overrides = {**tiny_config_overrides(tiny_bert, tmp_path / dtype), "data.scenario": "custom",
+                 "data.custom_tasks": csv_scenario["tasks"], "dtype": dtype, "lora.dropout": 0.0}
+    exp = build_experiment(load_config(None, overrides))
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in exp.strategy.initial.items()}
+    exp.model.load(state)
+    exp.model.model.train()
+    batch = exp.train_store.batch(np.arange(8))
+    loss = task_loss(exp.model.logits(**batch.model_inputs()), batch)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in exp.model.params.items()}
+    return float(loss.detach()), grads
+
+
+def test_bf16_backbone_gives_the_fp32_loss_and_gradients_within_bf16_rounding(tiny_bert, csv_scenario, tmp_path):
+    """Tolerances: bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through two layers the loss stays
+    within 1% and every adapter tensor's gradient within 5% in norm, pointing the same way (cosine > 0.99)."""
+    loss32, grads32 = _loss_and_grads(tiny_bert, csv_scenario, tmp_path, "float32")
+    loss16, grads16 = _loss_and_grads(tiny_bert, csv_scenario, tmp_path, "bfloat16")
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    for key, g32 in grads32.items():
+        g16 = grads16[key]
+        assert g16.dtype == torch.float32  # adapters and head train as fp32 masters
+        assert float((g16 - g32).norm()) <= 0.05 * float(g32.norm()) + 1e-8, key
+        assert float(torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)) > 0.99, key
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                       (False, False, torch.float32)])
+def test_auto_dtype_follows_the_reported_capability(monkeypatch, amx, avx512_bf16, expected):
+    from fltac.models.backbone import choose_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    dtype, note = choose_dtype("auto", torch.device("cpu"))
+    assert dtype == expected
+    assert ("AMX yes" in note) == amx and ("AVX512-BF16 yes" in note) == avx512_bf16
+    forced, warning = choose_dtype("bfloat16", torch.device("cpu"))
+    assert forced == torch.bfloat16 and (("WARNING" in warning) == (expected == torch.float32))
