@@ -165,8 +165,10 @@ def peak_memory(counts: list[int]) -> dict[str, float]:
     return out
 
 
-def aggregation_seconds(counts: list[int], template: dict[str, torch.Tensor], lora_keys: list[str]) -> dict[str, float]:
-    """Server time for one FL-TAC aggregation over n adapters of the default's shape (5 planted tasks)."""
+def aggregation_seconds(counts: list[int], template: dict[str, torch.Tensor], lora_keys: list[str],
+                        kmeans_dims: int | None = None) -> dict[str, float]:
+    """Server time for one FL-TAC aggregation (flatten + K-means + Hungarian slot matching + cluster FedAvg)
+    over n adapters of the default's shape (5 planted tasks), in a round after the first (slots matched)."""
     out = {}
     g = torch.Generator().manual_seed(0)
     centres = [{k: torch.randn(v.shape, generator=g) * 0.01 for k, v in template.items()} for _ in range(5)]
@@ -176,7 +178,9 @@ def aggregation_seconds(counts: list[int], template: dict[str, torch.Tensor], lo
             c = centres[i % 5]
             state = {k: template[k] + c[k] + 0.001 * torch.randn(v.shape, generator=g) for k, v in template.items()}
             subs.append(Submission(i, "a0", state, 10 + i % 7, template))
-        strategy = FLTAC(template, 5, lora_keys, "update", seed=0, n_init=10, normalize=True)
+        strategy = FLTAC(template, 5, lora_keys, "update", seed=0, n_init=10, normalize=True,
+                         kmeans_dims=kmeans_dims)
+        strategy.fitted_ = True  # a later round: the clusters are matched to the previous slots too
         t0 = time.perf_counter()
         strategy.aggregate(1, subs)
         out[str(n)] = round(time.perf_counter() - t0, 2)

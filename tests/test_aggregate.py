@@ -385,3 +385,20 @@ def test_fedavg_state_dict_round_trip():
     assert fresh.assignment_ == strat.assignment_
     assert all(torch.equal(fresh.slots_[0][k], strat.slots_[0][k]) for k in SHAPES)
     assert all(torch.equal(fresh.start_state(s.client, s.key)[k], strat.slots_[0][k]) for s in subs for k in SHAPES)
+
+
+def test_fltac_random_projection_keeps_the_planted_groups_and_shrinks_the_features():
+    initial, centres = make_initial(), make_centres()
+    subs, group_of = make_subs(centres, initial, round_seed=11)
+    full = new_fltac(initial)
+    projected = FLTAC(initial, N_GROUPS, list(LORA_KEYS), "weights", 0, n_init=5, kmeans_dims=3)
+    dim = sum(int(np.prod(SHAPES[k])) for k in LORA_KEYS)
+    assert full.features(subs).shape == (len(subs), dim)
+    assert projected.features(subs).shape == (len(subs), 3)
+    np.testing.assert_array_equal(projected.features(subs), projected.features(subs))  # seeded: same projection
+    for strat in (full, projected):
+        assigned = strat.aggregate(1, subs)
+        slot_of = group_slots(assigned, subs, group_of)
+        assert sorted(slot_of.values()) == list(range(N_GROUPS))
+        for c, slot in slot_of.items():
+            assert_state_close(strat.slots_[slot], expected_mean([s for s, gc in zip(subs, group_of) if gc == c]))

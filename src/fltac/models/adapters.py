@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
@@ -46,22 +45,27 @@ def _cast_input_to(dtype: torch.dtype):
 class AdapterModel:
     """A peft-wrapped backbone whose trainable tensors (LoRA + head) are loaded and read as adapter states."""
 
-    def __init__(self, base_model, lora: LoraConfig, rank: int, device: torch.device):
-        config = PeftLoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    def __init__(self, base_model, lora: LoraConfig, rank: int, device: torch.device, task_type: str = "SEQ_CLS"):
+        """``task_type``: 'SEQ_CLS' (LoRA + the trained ``classifier`` head) or 'CAUSAL_LM' (LoRA only: the
+        LM head stays frozen, ``head_keys`` is empty). A backbone placed by ``device_map`` is not moved."""
+        config = PeftLoraConfig(task_type=task_type, r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 target_modules=list(lora.target_modules))
         try:
             with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                self.model = get_peft_model(base_model, config).to(device)
+                self.model = get_peft_model(base_model, config)
+                if not getattr(base_model, "hf_device_map", None):
+                    self.model = self.model.to(device)
         except ValueError as exc:
             raise AdapterMismatch(f"config key 'lora.target_modules' {list(lora.target_modules)} does not fit this "
                                   f"backbone: {exc}") from None
         self.device = device
         self.rank = rank
         self.peft_config = config
-        head = self.model.base_model.model.classifier
-        head.float()
-        head.register_forward_pre_hook(_cast_input_to(torch.float32))
+        if task_type == "SEQ_CLS":
+            head = self.model.base_model.model.classifier
+            head.float()
+            head.register_forward_pre_hook(_cast_input_to(torch.float32))
         self.params: dict[str, torch.nn.Parameter] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -70,7 +74,7 @@ class AdapterModel:
         self.lora_keys = [k for k in self.params if is_lora_key(k)]
         self.head_keys = [k for k in self.params if k.startswith(HEAD_PREFIX)]
         extra = set(self.params) - set(self.lora_keys) - set(self.head_keys)
-        if extra or not self.lora_keys or not self.head_keys:
+        if extra or not self.lora_keys or (task_type == "SEQ_CLS" and not self.head_keys):
             raise AdapterMismatch(f"unexpected trainable set: lora {len(self.lora_keys)}, head {self.head_keys}, "
                                   f"other {sorted(extra)}")
 
@@ -118,6 +122,6 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:
-    """The tensors under ``keys`` (in that order) as one float64 vector."""
-    return torch.cat([state[k].reshape(-1).double() for k in keys]).numpy()
+def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    """The tensors under ``keys`` (in that order) as one float32 vector."""
+    return torch.cat([state[k].reshape(-1).float() for k in keys])

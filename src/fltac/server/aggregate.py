@@ -17,7 +17,9 @@ State = dict[str, torch.Tensor]
 
 
 def weighted_mean(states: list[State], weights: list[float]) -> State:
-    """sum_i w_i s_i / sum_i w_i, key by key, in float64 then cast back to each tensor's dtype."""
+    """sum_i w_i s_i / sum_i w_i, key by key: one weighted sum over the stacked tensors (float32 BLAS, whose
+    blocked accumulation keeps the relative error near 1e-7 even over thousands of adapters), cast back to
+    each tensor's dtype."""
     if not states:
         raise ValueError("weighted_mean of no states")
     if len(weights) != len(states):
@@ -26,11 +28,17 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
     if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
     w = w / w.sum()
-    return {k: sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
+    w = w.float()
+    return {k: torch.tensordot(w, torch.stack([s[k].float() for s in states]), dims=1).to(states[0][k].dtype)
+            for k in states[0]}
 
 
-def subtract(a: State, b: State) -> State:
-    return {k: a[k] - b[k] for k in a}
+def random_projection(dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """A seeded Gaussian matrix ``[dim, out_dim]`` scaled by ``1/sqrt(out_dim)``: ``x @ R`` keeps squared
+    distances in expectation, and within a factor ``1 +- eps`` for n points once ``out_dim`` is of order
+    ``log(n) / eps^2`` (Johnson-Lindenstrauss), whatever ``dim`` is."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, out_dim, generator=g) / out_dim ** 0.5
 
 
 def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:

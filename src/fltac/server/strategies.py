@@ -15,7 +15,7 @@ import torch
 
 from fltac.config import RunConfig
 from fltac.models.adapters import flatten
-from fltac.server.aggregate import State, kmeans_labels, match_to_previous, subtract
+from fltac.server.aggregate import State, kmeans_labels, match_to_previous, random_projection
 from fltac.server.robust import Aggregation, Spec, spec_of
 
 
@@ -119,6 +119,10 @@ class Centralized(Strategy):
         return self._merge(subs, [int(s.key[1:]) for s in subs])
 
 
+#: Submissions flattened at a time when building K-means features.
+FEATURE_CHUNK = 256
+
+
 class FLTAC(Strategy):
     """FL-TAC (Ping et al., arXiv 2404.15384): K-means on the submitted adapters, FedAvg inside each cluster.
 
@@ -138,6 +142,10 @@ class FLTAC(Strategy):
         only says the adapters are flattened; see ``server.cluster_normalize`` for why it is the default.
     seed, n_init : int
         K-means uses ``random_state = seed + round`` and ``n_init`` restarts.
+    kmeans_dims : int or None
+        Project the (normalised) features to this many dimensions with a seeded Gaussian random projection
+        before K-means (Johnson-Lindenstrauss: distances kept within a small factor), so thousands of
+        adapters cluster in seconds; None (default) = K-means on the full vectors, as the paper does.
 
     Cluster ids are matched to the previous round's slots (Hungarian between the clusters' mean
     submitted weights and the slots' weights, see
@@ -158,8 +166,9 @@ class FLTAC(Strategy):
     name = "fltac"
 
     def __init__(self, initial: State, n_clusters: int, feature_keys: list[str], cluster_on: str, seed: int,
-                 n_init: int = 10, normalize: bool = True):
+                 n_init: int = 10, normalize: bool = True, kmeans_dims: int | None = None):
         super().__init__(initial, n_clusters)
+        self.kmeans_dims = kmeans_dims
         self.feature_keys = feature_keys
         self.cluster_on = cluster_on
         self.normalize = normalize
@@ -168,23 +177,47 @@ class FLTAC(Strategy):
         self.fitted_ = False
 
     def features(self, subs: list[Submission]) -> np.ndarray:
-        if self.cluster_on == "update":
-            feats = np.stack([flatten(subtract(s.state, s.start), self.feature_keys) for s in subs])
-        else:
-            feats = np.stack([flatten(s.state, self.feature_keys) for s in subs])
-        if self.normalize:
-            feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-        return feats
+        """float32 ``[n, D]`` (``D`` = the feature tensors' size, or ``kmeans_dims`` when projecting), built
+        in chunks so that with a projection the full ``[n, D]`` matrix never exists."""
+        cached: dict[int, torch.Tensor] = {}  # many jobs share a start adapter (its slot): flatten it once
+
+        def start(s: Submission) -> torch.Tensor:
+            if id(s.start) not in cached:
+                cached[id(s.start)] = flatten(s.start, self.feature_keys)
+            return cached[id(s.start)]
+
+        project = None
+        rows = []
+        for i in range(0, len(subs), FEATURE_CHUNK):
+            chunk = subs[i: i + FEATURE_CHUNK]
+            x = torch.stack([flatten(s.state, self.feature_keys) for s in chunk])
+            if self.cluster_on == "update":
+                x -= torch.stack([start(s) for s in chunk])
+            if self.normalize:
+                x /= x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if self.kmeans_dims is not None and x.shape[1] > self.kmeans_dims:
+                if project is None:
+                    project = random_projection(x.shape[1], self.kmeans_dims, self.seed)
+                x = x @ project
+            rows.append(x)
+        return torch.cat(rows).numpy()
+
+    def cluster_means(self, subs: list[Submission], cluster: np.ndarray, k: int) -> torch.Tensor:
+        """``[k, D]``: the mean submitted feature tensors (weights, not updates) of each cluster, summed in chunks."""
+        sums = None
+        for i in range(0, len(subs), FEATURE_CHUNK):
+            x = torch.stack([flatten(s.state, self.feature_keys) for s in subs[i: i + FEATURE_CHUNK]])
+            onehot = torch.nn.functional.one_hot(torch.from_numpy(cluster[i: i + FEATURE_CHUNK]), k).T.float()
+            sums = onehot @ x if sums is None else sums + onehot @ x
+        return sums / torch.from_numpy(np.bincount(cluster, minlength=k)).float()[:, None]
 
     def aggregate(self, round_, subs):
-        feats = self.features(subs)
-        labels = kmeans_labels(feats, self.n_slots, self.seed + round_, self.n_init)
+        labels = kmeans_labels(self.features(subs), self.n_slots, self.seed + round_, self.n_init)
         found = np.unique(labels)
         if self.fitted_:
-            weights = np.stack([flatten(s.state, self.feature_keys) for s in subs])
-            centers = np.stack([weights[labels == c].mean(0) for c in found])
-            previous = np.stack([flatten(s, self.feature_keys) for s in self.slots_])
-            slot_of_cluster = dict(zip(found, match_to_previous(centers, previous)))
+            centers = self.cluster_means(subs, np.searchsorted(found, labels), len(found))
+            previous = torch.stack([flatten(s, self.feature_keys) for s in self.slots_])
+            slot_of_cluster = dict(zip(found, match_to_previous(centers.double().numpy(), previous.double().numpy())))
         else:
             slot_of_cluster = {c: i for i, c in enumerate(found)}
         self.fitted_ = True
@@ -221,4 +254,4 @@ def _make_method_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_key
         return make_hafl(cfg, initial)
     keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
-                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize)
+                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims)
