@@ -402,3 +402,13 @@ def test_fltac_random_projection_keeps_the_planted_groups_and_shrinks_the_featur
         assert sorted(slot_of.values()) == list(range(N_GROUPS))
         for c, slot in slot_of.items():
             assert_state_close(strat.slots_[slot], expected_mean([s for s, gc in zip(subs, group_of) if gc == c]))
+
+
+def test_fltac_names_a_non_finite_submission_instead_of_failing_inside_kmeans():
+    from fltac.server.strategies import AggregationError
+
+    initial, centres = make_initial(), make_centres()
+    subs, _ = make_subs(centres, initial, round_seed=11)
+    subs[5].state[LORA_KEYS[0]][0, 0] = float("nan")
+    with pytest.raises(AggregationError, match=rf"client {subs[5].client} a0.*reliability.validate"):
+        new_fltac(initial).aggregate(1, subs)

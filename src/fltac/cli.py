@@ -6,6 +6,7 @@
     fltac report RUN_DIR [RUN_DIR ...] [--out DIR]
     fltac export RUN_DIR --out DIR [--round N]
     fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME]
+    fltac pretrain-vit [--out DIR] [--epochs N] [--seed S] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from fltac.data.hub import HubUnavailable
 from fltac.io import AdapterFileError
 from fltac.models.adapters import AdapterMismatch
 from fltac.models.backbone import ModelLoadError
+from fltac.server.strategies import AggregationError
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, AdapterFileError, AdapterMismatch, HubUnavailable)
+USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, AdapterFileError, AdapterMismatch, HubUnavailable,
+               AggregationError)
 
 
 def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
@@ -80,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--adapter", metavar="DIR", required=True, help="a folder written by fltac export")
     pred.add_argument("--task", help="only this task (a FedIT export serves every task)")
     pred.add_argument("--model", metavar="PATH", help="the backbone, if not where labels.json says")
+
+    vit = sub.add_parser("pretrain-vit", help="pretrain the offline ViT (model_name: vit-fashion-mnist) on "
+                                              "Fashion-MNIST and cache it; see the README, Vision")
+    vit.add_argument("--out", metavar="DIR", help="where it goes (default: ~/.cache/fltac/vit-fashion-mnist, the "
+                                                  "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
+    vit.add_argument("--epochs", type=int, default=3, help="passes over the 60k training images (default 3)")
+    vit.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch order (default 0)")
+    vit.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
     return parser
 
 
@@ -170,11 +181,21 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_pretrain_vit(args) -> int:
+    from pathlib import Path
+
+    from fltac.models.vit import offline_vit_dir, pretrain_offline_vit
+
+    out = Path(args.out) if args.out else offline_vit_dir(None)
+    pretrain_offline_vit(out, epochs=args.epochs, seed=args.seed, threads=args.threads or None)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
-                "predict": cmd_predict}[args.command](args)
+                "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
     except USER_ERRORS as exc:
         print(f"fltac: error: {exc}", file=sys.stderr)
         return 2

@@ -68,18 +68,15 @@ class AdapterBank:
                                ).to(self.model.device)
 
     def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """LoRA-input dropout, each group's mask drawn from its own generator at its lone-run shape."""
+        """LoRA-input dropout, each group's mask drawn from its own generator at its lone-run shape
+        ``[rows, width, d]`` (the pattern does not depend on the slice being strided), then scaled by
+        ``1/(1-p)`` and applied as ``F.dropout`` does. Padding past a group's width is kept (never attended)."""
         if p == 0.0:
             return x
-        parts = []
+        keep = torch.ones_like(x)
         for g in self.groups:
-            rows = x[g.start:g.end]
-            keep = torch.empty((g.end - g.start, g.width, x.shape[-1]), dtype=x.dtype)
-            keep.bernoulli_(1 - p, generator=self.generators[g.adapter]).div_(1 - p)
-            if rows.shape[1] > g.width:  # padding past the group's own width: never attended, left as is
-                keep = torch.cat([keep, keep.new_ones(keep.shape[0], rows.shape[1] - g.width, keep.shape[2])], 1)
-            parts.append(rows * keep.to(x.device))
-        return torch.cat(parts)
+            keep[g.start:g.end, :g.width].bernoulli_(1 - p, generator=self.generators[g.adapter])
+        return x * keep.div_(1 - p)
 
     def _lora_forward(self, layer: LoraLinear, key: str):
         a_key, b_key = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
@@ -90,9 +87,9 @@ class AdapterBank:
             result = layer.base_layer(x, *args, **kwargs)
             h = self._dropout(x.to(torch.float32), p)
             a = self.params[a_key].index_select(0, self.index)  # [n, r, d_in]
-            b = self.params[b_key].index_select(0, self.index)  # [n, d_out, r]
+            b = self.params[b_key].index_select(0, self.index) * scaling  # [n, d_out, r], scaled while small
             flat = h.reshape(h.shape[0], -1, h.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
             return (result + delta.reshape(*result.shape)).to(result.dtype)
 
         return forward

@@ -19,6 +19,10 @@ from fltac.server.aggregate import State, kmeans_labels, match_to_previous, rand
 from fltac.server.robust import Aggregation, Spec, spec_of
 
 
+class AggregationError(ValueError):
+    """Submissions the strategy cannot aggregate (e.g. non-finite values with validation turned off)."""
+
+
 @dataclass
 class Broadcast:
     """What the server sends for one (client, key): the start adapter and plain settings for client hooks."""
@@ -193,6 +197,11 @@ class FLTAC(Strategy):
             x = torch.stack([flatten(s.state, self.feature_keys) for s in chunk])
             if self.cluster_on == "update":
                 x -= torch.stack([start(s) for s in chunk])
+            bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().tolist()
+            if bad:
+                who = ", ".join(f"client {chunk[j].client} {chunk[j].key}" for j in bad[:4])
+                raise AggregationError(f"non-finite adapter values from {who}: K-means cannot place them; turn "
+                                       f"reliability.validate on to drop such submissions before aggregation")
             if self.normalize:
                 x /= x.norm(dim=1, keepdim=True).clamp_min(1e-12)
             if self.kmeans_dims is not None and x.shape[1] > self.kmeans_dims:
