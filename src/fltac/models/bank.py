@@ -33,7 +33,9 @@ from fltac.models.adapters import AdapterModel, canonical_key
 
 @dataclass
 class Group:
-    """The rows of one adapter inside a micro-batch: ``rows[start:end]``, its lone-run batch ``width``."""
+    """The rows of one adapter inside a micro-batch: ``rows[start:end]``, its lone-run batch ``width``
+    (tokens of its longest row; a batch whose inputs are not padded token rows, such as images, spans
+    the whole sequence axis whatever ``width`` says)."""
 
     adapter: int
     start: int
@@ -51,6 +53,7 @@ class AdapterBank:
         #: Each adapter's dropout generator, seeded as its lone run seeds the global generator.
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.groups: list[Group] = []
+        self.widest = 0
         self.index: torch.Tensor | None = None  # [n] adapter of each row of the current micro-batch
 
     def __len__(self) -> int:
@@ -64,6 +67,7 @@ class AdapterBank:
     def set_groups(self, groups: list[Group]) -> None:
         """Declare the layout of the next forward pass (contiguous rows per adapter)."""
         self.groups = groups
+        self.widest = max(g.width for g in groups)
         self.index = torch.cat([torch.full((g.end - g.start,), g.adapter, dtype=torch.long) for g in groups]
                                ).to(self.model.device)
 
@@ -74,8 +78,10 @@ class AdapterBank:
         if p == 0.0:
             return x
         keep = torch.ones_like(x)
+        padded = x.dim() == 3 and x.shape[1] == self.widest  # a token axis cut to the widest group's width
         for g in self.groups:
-            keep[g.start:g.end, :g.width].bernoulli_(1 - p, generator=self.generators[g.adapter])
+            rows = keep[g.start:g.end, :g.width] if padded else keep[g.start:g.end]  # images, pooled: whole
+            rows.bernoulli_(1 - p, generator=self.generators[g.adapter])
         return x * keep.div_(1 - p)
 
     def _lora_forward(self, layer: LoraLinear, key: str):
