@@ -73,16 +73,18 @@ class AdapterBank:
 
     def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """LoRA-input dropout, each group's mask drawn from its own generator at its lone-run shape
-        ``[rows, width, d]`` (the pattern does not depend on the slice being strided), then scaled by
-        ``1/(1-p)`` and applied as ``F.dropout`` does. Padding past a group's width is kept (never attended)."""
+        ``[rows, width, d]``: torch's Bernoulli pattern depends on the generator, the shape and ``p`` only
+        (not on the dtype or the slice being strided), so a bool mask reproduces ``F.dropout``'s draw at a
+        quarter of the memory; kept entries are scaled by ``1/(1-p)`` computed in x's dtype, as there.
+        Padding past a group's width is kept (never attended)."""
         if p == 0.0:
             return x
-        keep = torch.ones_like(x)
+        keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
         padded = x.dim() == 3 and x.shape[1] == self.widest  # a token axis cut to the widest group's width
         for g in self.groups:
             rows = keep[g.start:g.end, :g.width] if padded else keep[g.start:g.end]  # images, pooled: whole
             rows.bernoulli_(1 - p, generator=self.generators[g.adapter])
-        return x * keep.div_(1 - p)
+        return x * keep * (torch.ones((), dtype=x.dtype) / (1 - p))
 
     def _lora_forward(self, layer: LoraLinear, key: str):
         a_key, b_key = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
