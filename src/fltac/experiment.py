@@ -14,7 +14,7 @@ import torch
 
 from fltac.client.train import Job, plan_jobs
 from fltac.config import BACKBONE_METHODS, RunConfig
-from fltac.data import LabelSpace, Task, load_tasks
+from fltac.data import LabelSpace, Task, load_tasks, modality_of
 from fltac.data.batches import TokenStore, build_store, eval_rows
 from fltac.data.partition import owner_clients, partition_all, partition_all_label_skew, partition_by_owner
 from fltac.eval.evaluate import Evaluator
@@ -70,16 +70,43 @@ def build_model(cfg: RunConfig, space: LabelSpace):
     if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (README, "SA-FedLoRA")
         dtype, dtype_note = torch.float32, f"float32 (method {cfg.method} trains the backbone; {dtype_note})"
     attn = choose_attention(cfg.attn_implementation, dtype, device)
-    base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed, cfg.backbone_dropout)
+    causal_lm = modality_of(cfg.data) == "causal_lm"
+    if causal_lm:  # LoRA only (no head); a packaged GGUF is dequantised once into data.cache_dir
+        from fltac.models.causal_lm import load_causal_lm
+
+        base, tokenizer = load_causal_lm(cfg.model_name, dtype, attn, cfg.seed, cfg.backbone_dropout,
+                                         cfg.data.cache_dir, device, cfg.data.scenario)
+    elif modality_of(cfg.data) == "image":  # the 'tokenizer' of an image run is its ImageSpec (size, mean, std)
+        from fltac.models.vit import load_image_backbone
+
+        base, tokenizer = load_image_backbone(cfg.model_name, cfg.data.cache_dir, space.n_outputs, dtype, attn,
+                                              cfg.seed, cfg.backbone_dropout, cfg.data.scenario)
+    else:
+        base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed, cfg.backbone_dropout)
     torch.manual_seed(cfg.seed)
     if cfg.method in BACKBONE_METHODS:
         model = StagedModel(base, device, cfg.rank or None, cfg.lora.alpha, cfg.lora.dropout,
                             tuple(cfg.lora.target_modules), cfg.train.backbone_lr)
         initial = model.everything()  # the strategy takes its stage-1 state and its adapter from this
     else:
-        model = AdapterModel(base, cfg.lora, cfg.rank, device)
+        model = AdapterModel(base, cfg.lora, cfg.rank, device, task_type="CAUSAL_LM" if causal_lm else "SEQ_CLS")
         initial = model.state()
     return model, initial, tokenizer, dtype_note, attn, threads
+
+
+def build_rows(cfg: RunConfig, tokenizer, tasks: list[Task], space: LabelSpace, split: str,
+               rows_per_task: list[np.ndarray] | None = None):
+    """(store, store rows per task) of ``split`` for the run's modality: tokenised texts, or images
+    (``tokenizer`` is then the backbone's ImageSpec)."""
+    if modality_of(cfg.data) == "image":
+        from fltac.data.vision import build_image_store
+
+        return build_image_store(tokenizer, tasks, space, split, rows_per_task)
+    if modality_of(cfg.data) == "causal_lm":
+        from fltac.data.chat import build_lm_store
+
+        return build_lm_store(tokenizer, tasks, cfg.data.max_length, split, rows_per_task)
+    return build_store(tokenizer, tasks, space, cfg.data.max_length, split, rows_per_task)
 
 
 def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experiment:
@@ -88,13 +115,18 @@ def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experim
     parts = build_partition(cfg, tasks)
     model, initial, tokenizer, dtype_note, attn, threads = build_model(cfg, space)
 
-    train_store, train_index = build_store(tokenizer, tasks, space, cfg.data.max_length, "train")
+    train_store, train_index = build_rows(cfg, tokenizer, tasks, space, "train")
     client_rows = [[train_index[t][parts[t][k]] for t in range(len(tasks))] for k in range(cfg.partition.n_clients)]
     jobs = plan_jobs(cfg.method, client_rows, cfg.train.local_steps)
 
     sample = [eval_rows(len(t.test_texts), cfg.eval.eval_size, cfg.seed + i) for i, t in enumerate(tasks)]
-    test_store, test_index = build_store(tokenizer, tasks, space, cfg.data.max_length, "test", sample)
-    evaluator = Evaluator(model, test_store, test_index, cfg.eval.batch_size)
+    test_store, test_index = build_rows(cfg, tokenizer, tasks, space, "test", sample)
+    if modality_of(cfg.data) == "causal_lm":  # token-weighted LM loss, and judged generations at the last round
+        from fltac.eval.lm_eval import lm_evaluator
+
+        evaluator = lm_evaluator(cfg, model, tokenizer, test_store, test_index)
+    else:
+        evaluator = Evaluator(model, test_store, test_index, cfg.eval.batch_size)
 
     strategy = make_strategy(cfg, initial, len(tasks), model.lora_keys)
     return Experiment(cfg, tasks, space, parts, model, train_store, jobs, strategy, evaluator, dtype_note, attn,
@@ -137,7 +169,7 @@ def build_client(cfg: RunConfig, client: int, shared: tuple | None = None,
     else:
         model, tokenizer = shared
     own = [parts[t][client] for t in range(len(tasks))]
-    store, index = build_store(tokenizer, tasks, space, cfg.data.max_length, "train", own)
+    store, index = build_rows(cfg, tokenizer, tasks, space, "train", own)
     empty = [np.zeros(0, dtype=np.int64)] * len(tasks)
     rows = [index if k == client else empty for k in range(cfg.partition.n_clients)]
     jobs = [j for j in plan_jobs(cfg.method, rows, cfg.train.local_steps) if j.client == client]

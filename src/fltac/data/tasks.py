@@ -16,7 +16,8 @@ import numpy as np
 class Task:
     name: str
     labels: list[str]              # label names; local label j is labels[j]
-    train_texts: list              # strings, or (text_a, text_b) pairs for sentence-pair tasks (GLUE)
+    train_texts: list              # strings, or (text_a, text_b) pairs for sentence-pair tasks (GLUE), or
+    #                                a uint8 image array [N, H, W(, 3)] for image tasks (fltac.data.vision)
     train_labels: np.ndarray       # local label ids, int64
     test_texts: list
     test_labels: np.ndarray

@@ -37,3 +37,10 @@ class Evaluator:
     def accuracy(self, state: dict[str, torch.Tensor], task: int) -> float:
         pred, true = self.predictions(state, task)
         return float((pred == true).mean())
+
+    #: The name of what :meth:`score` returns (the engine's eval records and summary use it as their key).
+    metric = "accuracy"
+
+    def score(self, state: dict[str, torch.Tensor], task: int) -> float:
+        """The run's per-task metric (:attr:`metric`); a causal-LM run's evaluator returns its LM loss here."""
+        return self.accuracy(state, task)

@@ -31,13 +31,14 @@ def scalars(records: Iterable[dict]) -> list[tuple[str, float, int]]:
     for rec in records:
         phase, r = rec.get("phase"), rec.get("round")
         if phase == "eval":
-            out.append((f"accuracy/{rec['task']}", float(rec["accuracy"]), r))
-            if rec.get("personalized_accuracy") is not None:
-                out.append((f"personalized_accuracy/{rec['task']}", float(rec["personalized_accuracy"]), r))
-            evals.setdefault(r, []).append(float(rec["accuracy"]))
+            metric = "accuracy" if "accuracy" in rec else "lm_loss"  # a causal-LM run records its LM loss
+            out.append((f"{metric}/{rec['task']}", float(rec[metric]), r))
+            if rec.get(f"personalized_{metric}") is not None:
+                out.append((f"personalized_{metric}/{rec['task']}", float(rec[f"personalized_{metric}"]), r))
+            evals.setdefault((metric, r), []).append(float(rec[metric]))
         elif phase == "round":
             out.extend((f"round/{k}", float(rec[k]), r) for k in ROUND_KEYS if rec.get(k) is not None)
-    out.extend(("accuracy/mean", sum(v) / len(v), r) for r, v in evals.items())
+    out.extend((f"{metric}/mean", sum(v) / len(v), r) for (metric, r), v in evals.items())
     return out
 
 
