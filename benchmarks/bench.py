@@ -43,6 +43,11 @@ from fltac.server.strategies import FLTAC, Submission
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def note(message: str) -> None:
+    """Progress on stderr (stdout's last line is the JSON)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 1.0) -> float:
     """GFLOP/s of ``[m,k] @ [k,n]`` in ``dtype``, best of repeated timed loops."""
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
@@ -140,11 +145,10 @@ def reference_round_seconds(exp_fp32, max_length: int) -> float:
 
 
 MEMORY_SCRIPT = r"""
-import json, resource, sys, numpy as np, torch, transformers
+import json, sys, numpy as np, torch, transformers
 from fltac.config import load_config
 from fltac.data.tasks import Task
 from fltac.engines.inprocess import run
-from fltac.models.backbone import resolve_model_path
 n, model_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(0)
 words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -152,30 +156,20 @@ def texts(k): return [" ".join(rng.choice(words, 6)) for _ in range(k)]
 tasks = [Task(f"t{i}", ["a", "b"], texts(4 * n), rng.integers(0, 2, 4 * n), texts(8), rng.integers(0, 2, 8)) for i in range(2)]
 cfg = load_config(None, {"model_name": model_dir, "output_dir": out, "partition.n_clients": n, "partition.min_frac": 0.0,
     "partition.alpha": 100.0, "train.rounds": 1, "train.local_steps": 1, "train.batch_size": 4, "eval.eval_size": 8,
-    "dtype": "float32", "data.max_length": 16})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    "data.max_length": 16})
 run(cfg, tasks=tasks, quiet=True)
-print(json.dumps({"clients": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process image's own peak RSS (getrusage's ru_maxrss would carry the parent's peak across fork+exec)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"clients": n, "peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
-def tiny_model_dir(folder: Path) -> str:
-    import transformers
-
-    from fltac.models.backbone import resolve_model_path
-
-    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def peak_memory(counts: list[int]) -> dict[str, float]:
+    """Peak RSS (MB) of a whole one-round FL-TAC run with n clients on the real MiniLM backbone (dtype auto),
+    each client holding 4 tiny texts of each of 2 tasks, in a fresh process per n."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = tiny_model_dir(Path(tmp) / "tiny")
+        model = "minilm"
         script = Path(tmp) / "mem.py"
         script.write_text(MEMORY_SCRIPT)
         for n in counts:
@@ -228,6 +222,7 @@ def main() -> None:
         peaks[name] = round(max(matmul_peak(dt, m, 384, 1536), matmul_peak(dt, m, 1536, 384),
                                 matmul_peak(dt, m, 384, 384)), 1)
     result["matmul_peak_gflops"] = peaks
+    note("matmul peaks done; training throughput next")
     peak = max(peaks.values()) * 1e9
 
     per_dtype, experiments = {}, {}
@@ -245,6 +240,7 @@ def main() -> None:
     result["adapters_per_round"] = len(exp.jobs)
     chosen = "bfloat16" if "bfloat16" in result["dtype"].split(" ")[0] else "float32"
     result["mfu"] = per_dtype[chosen]["shared_pass_mfu"]
+    note("throughput done; rounds next")
 
     result["round_seconds"] = round(ours_round_seconds(exp), 1)
     result["round_seconds_float32"] = round(ours_round_seconds(experiments["float32"]), 1)
@@ -256,8 +252,10 @@ def main() -> None:
     result["round_speedup_vs_reference_float32"] = round(
         result["reference_round_seconds"] / result["round_seconds_float32"], 2)
     result["padding_fraction_reference"] = round(1 - tokens_per_row / exp.cfg.data.max_length, 3)
+    note("rounds done; memory by clients next")
 
     result["peak_memory_mb_by_clients"] = peak_memory([10, 100] if args.quick else [10, 100, 1000])
+    note("memory done; aggregation next")
     template = exp.strategy.initial
     counts = [100, 1000] if args.quick else [100, 1000, 10000]
     result["aggregation_seconds_by_adapters"] = aggregation_seconds(counts[:2], template, exp.model.lora_keys)
