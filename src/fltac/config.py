@@ -198,7 +198,8 @@ class TrainConfig:
         "null (one shared pass cannot time one client); otherwise, or with 1, adapters train one at a time.", 64)
     pass_tokens: int = _help(
         "Fast path: padded tokens (rows x width) per forward pass. A step's batches beyond it run as several "
-        "passes bucketed by length (gradients accumulate), bounding activation memory.", 16384)
+        "passes bucketed by length (gradients accumulate), bounding activation memory. Causal LMs: a pass's "
+        "logits are rows x width x vocabulary floats, so use a few thousand.", 16384)
 
     def __post_init__(self):
         _check(self.adapters_per_pass >= 1, "train.adapters_per_pass", "must be at least 1")

@@ -26,7 +26,7 @@ from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
 from fltac.data.chat import LMBatch
 from fltac.models.adapters import AdapterModel
-from fltac.models.causal_lm import lm_loss
+from fltac.models.causal_lm import lm_loss, row_token_nll
 from fltac.models.bank import AdapterBank, Group
 
 
@@ -82,6 +82,16 @@ def task_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     if isinstance(batch, LMBatch):
         return lm_loss(logits, batch.labels)
     return row_losses(logits, batch).mean()
+
+
+def group_losses(logits: torch.Tensor, batch, groups: list[Group]) -> list[torch.Tensor]:
+    """:func:`task_loss` of each group's own rows (``start:end``) of a batch shared by several adapters: the
+    mean cross-entropy of its rows, or for a causal-LM batch the mean over its own response tokens."""
+    if isinstance(batch, LMBatch):
+        total, count = row_token_nll(logits, batch.labels)
+        return [total[g.start:g.end].sum() / max(int(count[g.start:g.end].sum()), 1) for g in groups]
+    per_row = row_losses(logits, batch)
+    return [per_row[g.start:g.end].mean() for g in groups]
 
 
 def job_seed(seed: int, round_: int, client: int, key: str) -> int:
@@ -167,8 +177,7 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
                     start += len(rows[g])
                 batch = store.batch(np.concatenate([rows[g] for g in members]))
                 bank.set_groups(groups)
-                per_row = row_losses(model.logits(**batch.model_inputs()), batch)
-                per_job = [per_row[grp.start:grp.end].mean() for grp in groups]
+                per_job = group_losses(model.logits(**batch.model_inputs()), batch, groups)
                 torch.stack(per_job).sum().backward()
                 for grp, loss in zip(groups, per_job):
                     losses[grp.adapter].append(loss.detach())

@@ -181,12 +181,12 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
 def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
     """Whether a round's adapters may share backbone passes (the fast path; see ``train.adapters_per_pass``).
 
-    Needs: more than one adapter per pass allowed; a plain LoRA classifier (not a staged backbone); no client
-    hooks (their per-adapter terms act on one adapter's tensors); no backbone dropout (its draws would span
-    groups); and no client time limit (a shared pass cannot time one client).
+    Needs: more than one adapter per pass allowed; a plain LoRA classifier or causal LM (not a staged
+    backbone); no client hooks (their per-adapter terms act on one adapter's tensors); no backbone dropout
+    (its draws would span groups); and no client time limit (a shared pass cannot time one client).
     """
     return (cfg.train.adapters_per_pass > 1 and isinstance(model, AdapterModel)
-            and model.peft_config.task_type == "SEQ_CLS" and cfg.backbone_dropout == 0.0
+            and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM") and cfg.backbone_dropout == 0.0
             and cfg.reliability.client_timeout_s is None and not any(b.config for b in broadcasts))
 
 

@@ -133,6 +133,16 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return total, int((target != IGNORE).sum())
 
 
+def row_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of its next-token negative log-likelihoods over labelled positions, their count),
+    :func:`token_nll` row by row, for batches shared by several adapters."""
+    pred = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                                            ignore_index=IGNORE, reduction="none").reshape(target.shape)
+    return nll.sum(dim=1), (target != IGNORE).sum(dim=1)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch's response tokens (each token weighs the same)."""
     total, count = token_nll(logits, labels)
