@@ -88,3 +88,28 @@ def tiny_runs(tiny_bert, csv_scenario, tmp_path_factory) -> dict[str, Path]:
         run(load_config(None, overrides), quiet=True)
         out[method] = root / method
     return out
+
+
+def train_alone_and_together(exp, jobs, seed: int, pass_tokens: int = 10_000):
+    """(start adapter, results one by one, results in shared passes) of ``jobs`` from the initial adapter:
+    the fast path's equality checks (tests/test_speed.py, tests/test_chat.py)."""
+    from fltac.client.train import job_seed, train_job, train_jobs_together
+
+    seeds = [job_seed(seed, 1, j.client, j.key) for j in jobs]
+    start = exp.strategy.initial
+    alone = [train_job(exp.model, start, exp.train_store, j, exp.cfg.train, s) for j, s in zip(jobs, seeds)]
+    together = train_jobs_together(exp.model, [start] * len(jobs), exp.train_store, jobs, exp.cfg.train, seeds,
+                                   pass_tokens)
+    return start, alone, together
+
+
+def assert_same_training(start, alone, together) -> None:
+    """Same tokens, losses to 1e-5 and adapters to 1e-4 (each adapter moved), as fp32 training gives."""
+    import numpy as np
+
+    for (state_a, losses_a, tokens_a), (state_b, losses_b, tokens_b) in zip(alone, together):
+        assert tokens_a == tokens_b
+        np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
+        for key in state_a:
+            assert (state_a[key] - start[key]).abs().max() > 0
+            torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-4, atol=1e-6)

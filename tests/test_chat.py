@@ -275,8 +275,8 @@ def test_causal_lm_adapters_trained_together_equal_one_by_one(tiny_llama, dolly_
     draws its own; same losses and adapters as training one by one (fp32)."""
     from dataclasses import replace
 
-    from fltac.client.train import job_seed, train_job, train_jobs_together
     from fltac.experiment import build_experiment
+    from tests.conftest import assert_same_training, train_alone_and_together
 
     overrides = {"model_name": tiny_llama, "output_dir": str(tmp_path), "dtype": "float32",
                  "data.scenario": "dolly", "data.source": dolly_jsonl, "data.tasks": ["open_qa", "closed_qa"],
@@ -285,15 +285,5 @@ def test_causal_lm_adapters_trained_together_equal_one_by_one(tiny_llama, dolly_
                  "eval.eval_size": 3, "seed": 3}
     exp = build_experiment(load_config(None, overrides))
     assert exp.model.peft_config.lora_dropout > 0
-    jobs = [replace(j, steps=3) for j in exp.jobs[:3]]
-    seeds = [job_seed(5, 1, j.client, j.key) for j in jobs]
-    start = exp.strategy.initial
-    alone = [train_job(exp.model, start, exp.train_store, j, exp.cfg.train, s) for j, s in zip(jobs, seeds)]
-    together = train_jobs_together(exp.model, [start] * len(jobs), exp.train_store, jobs, exp.cfg.train, seeds,
-                                   10_000)
-    for (state_a, losses_a, tokens_a), (state_b, losses_b, tokens_b) in zip(alone, together):
-        assert tokens_a == tokens_b
-        np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
-        for key in state_a:
-            assert (state_a[key] - start[key]).abs().max() > 0
-            torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-4, atol=1e-6)
+    start, alone, together = train_alone_and_together(exp, [replace(j, steps=3) for j in exp.jobs[:3]], 5)
+    assert_same_training(start, alone, together)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from fltac.client.train import Job, job_seed, micro_batches, task_loss, train_job, train_jobs_together
+from fltac.client.train import Job, micro_batches, task_loss, train_jobs_together
 from fltac.config import load_config
 from fltac.engines.inprocess import run
 from fltac.experiment import build_experiment
-from tests.conftest import tiny_config_overrides
+from tests.conftest import assert_same_training, tiny_config_overrides, train_alone_and_together
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +42,8 @@ def _jobs(exp, steps: int) -> list[Job]:
 def test_jobs_trained_together_equal_jobs_trained_one_by_one(experiment, pass_tokens):
     exp = experiment
     assert exp.model.peft_config.lora_dropout > 0  # the dropout draws must match too
-    jobs = _jobs(exp, steps=3)
-    seeds = [job_seed(7, 1, j.client, j.key) for j in jobs]
-    start = exp.strategy.initial
-    alone = [train_job(exp.model, start, exp.train_store, j, exp.cfg.train, s) for j, s in zip(jobs, seeds)]
-    together = train_jobs_together(exp.model, [start] * len(jobs), exp.train_store, jobs, exp.cfg.train, seeds,
-                                   pass_tokens)
-    for (state_a, losses_a, tokens_a), (state_b, losses_b, tokens_b) in zip(alone, together):
-        assert tokens_a == tokens_b
-        np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
-        for key in state_a:
-            moved = (state_a[key] - start[key]).abs().max()
-            assert moved > 0
-            torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-4, atol=1e-6)
+    start, alone, together = train_alone_and_together(exp, _jobs(exp, steps=3), 7, pass_tokens)
+    assert_same_training(start, alone, together)
     # the model is the plain peft model again afterwards
     assert all("forward" not in vars(m) for m in exp.model.model.modules())
 
@@ -67,12 +56,7 @@ def test_on_a_bf16_backbone_jobs_together_agree_with_one_by_one_within_bf16_roun
     overrides = {**tiny_config_overrides(tiny_bert, tmp_path), "data.scenario": "custom",
                  "data.custom_tasks": csv_scenario["tasks"], "train.batch_size": 5, "dtype": "bfloat16"}
     exp = build_experiment(load_config(None, overrides))
-    jobs = _jobs(exp, steps=3)
-    seeds = [job_seed(7, 1, j.client, j.key) for j in jobs]
-    start = exp.strategy.initial
-    alone = [train_job(exp.model, start, exp.train_store, j, exp.cfg.train, s) for j, s in zip(jobs, seeds)]
-    together = train_jobs_together(exp.model, [start] * len(jobs), exp.train_store, jobs, exp.cfg.train, seeds,
-                                   10_000)
+    start, alone, together = train_alone_and_together(exp, _jobs(exp, steps=3), 7)
     for (state_a, losses_a, _), (state_b, losses_b, _) in zip(alone, together):
         np.testing.assert_allclose(losses_b, losses_a, rtol=1e-2)
         update_a = torch.cat([(state_a[k] - start[k]).flatten() for k in state_a])
