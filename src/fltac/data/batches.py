@@ -57,15 +57,28 @@ class TokenStore:
 
     def batch(self, rows: np.ndarray) -> Batch:
         rows = np.asarray(rows)
-        width = int(self.lengths[rows].max())
-        ids = torch.from_numpy(self.ids[rows, :width].astype(np.int64))
-        mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[rows].astype(np.int64))[:, None]).long()
-        offsets = np.asarray(self.space.offsets)[self.task[rows]]
-        ends = offsets + np.asarray(self.space.sizes)[self.task[rows]]
-        units = np.arange(self.space.n_outputs)[None, :]
-        allowed = torch.from_numpy((units >= offsets[:, None]) & (units < ends[:, None]))
+        ids, mask = cut_to_longest(self.ids, self.lengths, rows)
+        width = ids.shape[1]
         types = None if self.type_ids is None else torch.from_numpy(self.type_ids[rows, :width].astype(np.int64))
-        return Batch(ids, mask, torch.from_numpy(self.labels[rows]), allowed, types)
+        return Batch(ids, mask.long(), torch.from_numpy(self.labels[rows]), task_units(self.space, self.task[rows]),
+                     types)
+
+
+def cut_to_longest(ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of right-padded token ids, cut to their longest row (dynamic padding): int64 ids
+    ``[B, W]`` and the bool mask of real tokens ``[B, W]``."""
+    width = int(lengths[rows].max())
+    ids_t = torch.from_numpy(ids[rows, :width].astype(np.int64))
+    mask = torch.arange(width)[None, :] < torch.from_numpy(lengths[rows].astype(np.int64))[:, None]
+    return ids_t, mask
+
+
+def task_units(space: LabelSpace, task: np.ndarray) -> torch.Tensor:
+    """[B, n_outputs] bool: True on the output units of each row's task."""
+    offsets = np.asarray(space.offsets)[task]
+    ends = offsets + np.asarray(space.sizes)[task]
+    units = np.arange(space.n_outputs)[None, :]
+    return torch.from_numpy((units >= offsets[:, None]) & (units < ends[:, None]))
 
 
 def tokenize(tokenizer, texts: list, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

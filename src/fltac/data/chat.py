@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fltac.assets import asset_dir
+from fltac.data.batches import cut_to_longest
 from fltac.config import ConfigError
 
 IGNORE = -100
@@ -256,10 +257,8 @@ class LMStore:
 
     def batch(self, rows: np.ndarray) -> LMBatch:
         rows = np.asarray(rows)
-        width = int(self.lengths[rows].max())
-        ids = torch.from_numpy(self.ids[rows, :width].astype(np.int64))
-        pos = torch.arange(width)[None, :]
-        mask = pos < torch.from_numpy(self.lengths[rows].astype(np.int64))[:, None]
+        ids, mask = cut_to_longest(self.ids, self.lengths, rows)
+        pos = torch.arange(ids.shape[1])[None, :]
         response = mask & (pos >= torch.from_numpy(self.prompt_lengths[rows].astype(np.int64))[:, None])
         return LMBatch(ids, mask.long(), ids.masked_fill(~response, IGNORE))
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from fltac.assets import AssetMissing, asset_dir
+from fltac.data.batches import task_units
 from fltac.data.hub import HubUnavailable, require_hub, unavailable_message
 from fltac.data.tasks import LabelSpace, Task
 
@@ -223,14 +224,6 @@ class ImageBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixel_values}
-
-
-def task_units(space: LabelSpace, task: np.ndarray) -> torch.Tensor:
-    """[B, n_outputs] bool: True on the output units of each row's task."""
-    offsets = np.asarray(space.offsets)[task]
-    ends = offsets + np.asarray(space.sizes)[task]
-    units = np.arange(space.n_outputs)[None, :]
-    return torch.from_numpy((units >= offsets[:, None]) & (units < ends[:, None]))
 
 
 @dataclass
