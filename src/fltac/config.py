@@ -131,6 +131,9 @@ class DataConfig:
         "Folder for derived files: hub images decoded once (vision/*.npz), the pretrained offline ViT "
         "(vit-fashion-mnist/) and the packaged GGUF causal LM dequantised once to safetensors (smollm2-*/); "
         "null = ~/.cache/fltac.", None)
+    token_cache: bool = _help(
+        "Keep tokenised texts in data.cache_dir/tokens/, keyed by a hash of the texts, the tokenizer and "
+        "max_length (any change gives a new entry), so a second run over the same data skips tokenisation.", True)
 
     def __post_init__(self):
         if self.scenario == "custom":
