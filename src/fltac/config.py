@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,10 +157,12 @@ class PartitionConfig:
     n_clients: int = _help("Number of simulated clients.", 10)
     alpha: float = _help("Dirichlet concentration per task over clients (smaller = more skewed).", 0.5)
     min_frac: float = _help("Client shares below this are set to zero (that client gets no sample of the task).", 0.01)
-    kind: Literal["per_task", "label_skew"] = _help(
+    kind: Literal["per_task", "label_skew", "iid"] = _help(
         "per_task: Dir(alpha) over clients once per task (FL-TAC's split). label_skew: Dir(alpha) over clients "
         "once per class of each task (Hsu et al. 2019 label skew; HAFL's 20 Newsgroups scenario); the same "
-        "min_frac rule applies to every draw.", "per_task")
+        "min_frac rule applies to every draw. iid: every client gets an equal share of every task (a seeded "
+        "random permutation cut into equal blocks; alpha and min_frac are not read). An IID split is asked for "
+        "by this name, never by alpha: inf (every float key must be finite).", "per_task")
 
     def __post_init__(self):
         _check(self.n_clients >= 1, "partition.n_clients", "must be at least 1")
@@ -300,11 +303,15 @@ class ReliabilityConfig:
                            "for the method and the client's rank, finite values, and the update-norm bound. "
                            "A rejected submission counts as a dropped client.", True)
     norm_bound: Optional[float] = _help("Absolute bound on a submission's update norm ||submitted - sent||_2 "
-                                        "(all tensors together); null = norm_bound_factor x the round's median.", None)
-    norm_bound_factor: float = _help("With norm_bound null, reject an update whose norm exceeds this multiple of "
-                                     "the lower median update norm of the round's structurally valid, finite "
-                                     "submissions (the smaller middle value for an even count).",
-                                     10.0)
+                                        "(all tensors together); null = norm_bound_factor x a reference norm.", None)
+    norm_bound_factor: float = _help(
+        "With norm_bound null, reject an update whose norm exceeds this multiple of a reference norm computed over "
+        "clients, not adapters: each client votes once, with the lower median of its structurally valid, finite "
+        "submissions' update norms, and the reference is the lower median of the votes (the smaller middle value "
+        "for an even count), so clients sending too-long updates must be at least half of the round's clients to "
+        "loosen it, however many adapters each sends. A round where only one client votes would set its own bound: "
+        "it takes the previous accepted round's reference instead (in round 1, the norm of the adapter it was "
+        "sent). See fltac.server.robust.norm_reference.", 10.0)
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = _help(
         "How the submissions merged into one global adapter are combined (inside each cluster for FL-TAC): "
         "sample-weighted FedAvg, coordinate-wise median, or coordinate-wise trimmed mean (unweighted).", "fedavg")
@@ -588,13 +595,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN or +-inf: no float key of a run means anything by them
+                hint = " (for an IID split write partition.kind: iid)" if key == "partition.alpha" else ""
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}{hint}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

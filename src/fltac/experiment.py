@@ -34,7 +34,8 @@ def build_partition(cfg: RunConfig, tasks: list[Task]) -> list[list[np.ndarray]]
     if p.kind == "label_skew":  # Dir(alpha) per class of each task (HAFL's 20 Newsgroups scenario)
         parts = partition_all_label_skew([t.train_labels for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
     else:
-        parts = partition_all([len(t.train_texts) for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
+        parts = partition_all([len(t.train_texts) for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed,
+                              iid=p.kind == "iid")
     client_of = owner_clients([t.train_owners for t in tasks], [t.name for t in tasks], p.n_clients)
     for i, task in enumerate(tasks):
         if task.train_owners is not None:
