@@ -26,7 +26,7 @@ METHODS = ("fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fed
 #: (FL-TAC and its centralized upper bound at 4, FedIT's single shared adapter at 16).
 DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4, "hafl": 8, "hetlora": 8}
 #: Methods that train the backbone itself (fp32 masters) for some or all rounds; they take no ``lora.rank``
-#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See README, "SA-FedLoRA".
+#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See docs/safedlora.md.
 BACKBONE_METHODS = ("safedlora", "fedavg_full")
 
 
@@ -199,7 +199,7 @@ class TrainConfig:
     adapters_per_pass: int = _help(
         "Fast path: up to this many adapters (a round's jobs with the same number of steps, any clients) share "
         "every backbone pass, each with its own rows, dropout draws and AdamW state, so results equal training "
-        "them one by one up to float rounding (README, 'Performance'). Used when the method's clients run no "
+        "them one by one up to float rounding (docs/performance.md). Used when the method's clients run no "
         "hooks (fltac, fedit, centralized), the backbone has no dropout and reliability.client_timeout_s is "
         "null (one shared pass cannot time one client); otherwise, or with 1, adapters train one at a time.", 64)
     pass_tokens: int = _help(
@@ -236,7 +236,7 @@ class ServerConfig:
     kmeans_dims: Optional[int] = _help(
         "Project the flattened features to this many dimensions (seeded Gaussian random projection, which keeps "
         "distances within a small factor) before K-means: 10,000 adapters then cluster in seconds. null = K-means "
-        "on the full vectors (the paper's reading; fine for hundreds of adapters). See README, 'Performance'.", None)
+        "on the full vectors (the paper's reading; fine for hundreds of adapters). See docs/performance.md.", None)
 
     def __post_init__(self):
         _check(self.kmeans_dims is None or self.kmeans_dims >= 1, "server.kmeans_dims", "must be at least 1 or null")
@@ -273,7 +273,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ReliabilityConfig:
-    """Failing clients, submission checks and robust aggregation (see README, "Reliability").
+    """Failing clients, submission checks and robust aggregation (see docs/reliability.md).
 
     Faults and attacks are drawn from (seed, round, client[, key]) alone, like every other random
     draw of a run, so a resumed run meets the same faults as the uninterrupted one.
@@ -353,7 +353,7 @@ class ReliabilityConfig:
 
 @dataclass(frozen=True)
 class HaflConfig:
-    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see README, "HAFL".
+    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see docs/hafl.md.
 
     Su, Yan, Deng, arXiv 2411.06581 v1. Options the paper does not settle are marked reconstructed.
     """
@@ -376,7 +376,7 @@ class HaflConfig:
                               "instead of EMA(|w g|) alone.", False)
     score_reduce: Literal["sum", "mean"] = _help(
         "How a component's score gathers its entries' sensitivities: sum over column i of B and row i of A (the "
-        "issue's reading) or mean over each plus mean over the other (reconstructed alternative).", "sum")
+        "default reading, docs/hafl.md) or mean over each plus mean over the other (reconstructed alternative).", "sum")
     weighting: Literal["samples", "samples_x_score"] = _help(
         "Weights of adaptive aggregation: n_k, or n_k x the client's score of that component (reconstructed "
         "option; adaptive aggregation only).", "samples")
@@ -427,7 +427,7 @@ class SAFedLoraConfig:
     does FedAvg. Then the backbone is frozen and an AdaLoRA adapter P diag(lambda) Q of rank rank_init per
     matrix is trained; the budget b(t) (rank-1 triplets over all matrices) falls from rank_init x n_matrices
     to target_rank x n_matrices along AdaLoRA's cubic schedule over the annealing rounds. The paper gives the
-    idea only; the formulas are reconstructed (see README, "SA-FedLoRA", and fltac.server.safedlora).
+    idea only; the formulas are reconstructed (see docs/safedlora.md and fltac.server.safedlora).
     """
 
     init_rounds: int = _help("Rounds of the initiating stage (proximal term, FedAvg); 0 = anneal from round 1.", 1)

@@ -69,7 +69,7 @@ def build_model(cfg: RunConfig, space: LabelSpace):
     threads = set_threads(cfg.num_threads)
     device = default_device()
     dtype, dtype_note = choose_dtype(cfg.dtype, device)
-    if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (README, "SA-FedLoRA")
+    if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (docs/safedlora.md)
         dtype, dtype_note = torch.float32, f"float32 (method {cfg.method} trains the backbone; {dtype_note})"
     attn = choose_attention(cfg.attn_implementation, dtype, device)
     causal_lm = modality_of(cfg.data) == "causal_lm"
