@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "Fashion-MNIST and cache it; see docs/scenarios.md")
     vit.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
                      help="where it goes (default: ~/.cache/fltac/vit-fashion-mnist, the "
-                                                  "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
+                          "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
     vit.add_argument("--epochs", type=int, default=3, help="passes over the 60k training images (default 3)")
     vit.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch order (default 0)")
     vit.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
