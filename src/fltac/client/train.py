@@ -343,3 +343,13 @@ def train_all_routed(model: AdapterModel, store: TokenStore, jobs: list[Job], st
                 out.update({(j.client, j.key): res for j, res in zip(r.jobs, per_job)})
             chunk, size = [], 0
     return out
+
+
+def train_fast_path(model: AdapterModel, store: TokenStore, jobs: list[Job], starts: dict, cfg: TrainConfig,
+                    seed: int, round_: int) -> dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[float], int]]:
+    """A round's jobs trained in shared backbone passes, in the layout ``cfg.batching`` names: routed
+    (:func:`train_all_routed`) or per adapter (:func:`train_all_together`); keyed by (client, key)."""
+    if cfg.batching == "routed":
+        return train_all_routed(model, store, jobs, starts, cfg, seed, round_)
+    return train_all_together(model, store, jobs, starts, cfg,
+                              {(j.client, j.key): job_seed(seed, round_, j.client, j.key) for j in jobs})

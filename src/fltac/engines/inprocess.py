@@ -31,7 +31,7 @@ import numpy as np
 
 from fltac import io, rng
 from fltac.client.hooks import make_hooks
-from fltac.client.train import job_seed, train_all_together, train_job
+from fltac.client.train import job_seed, train_all_routed, train_fast_path, train_job
 from fltac.config import ConfigError, RunConfig, from_dict
 from fltac.engines.faults import required_clients, run_client, tamper
 from fltac.eval.progress import Progress, eta, format_seconds
@@ -135,17 +135,25 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     in turn on its one model; the Flower ClientApp calls it on the SuperNode's own model and data
     (:mod:`fltac.engines.flower`). A client that raises or runs late is dropped whole for the round
     (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
-    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
+    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_fast_path`),
     keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
+    With ``train.batching: routed`` on a bank-capable model (:func:`uses_bank`), a client not in ``trained``
+    trains its jobs together in the routed layout, alone (:func:`fltac.client.train.train_all_routed`), the
+    computation the fast path does for it beside the other clients, bit for bit.
     """
     rel, bar = cfg.reliability, bar or _NoBar()
     out = ClientResult()
+    done = dict(trained or {})
+    routed = cfg.train.batching == "routed" and uses_bank(model, cfg, list(broadcasts.values()))
 
     def train(job):
         b = broadcasts[job.key]
         hooks = make_hooks(b.config, b.state)
-        if trained is not None and (job.client, job.key) in trained:
-            state, losses, n_tok = trained[(job.client, job.key)]
+        if routed and (job.client, job.key) not in done:  # the client's first job: all its jobs, together
+            done.update(train_all_routed(model, store, cjobs, {(j.client, j.key): broadcasts[j.key].state
+                                                               for j in cjobs}, cfg.train, cfg.seed, r))
+        if (job.client, job.key) in done:
+            state, losses, n_tok = done[(job.client, job.key)]
         else:
             state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
                                              job_seed(cfg.seed, r, job.client, job.key), hooks)
@@ -178,16 +186,20 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     return out
 
 
-def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
-    """Whether a round's adapters may share backbone passes (the fast path; see ``train.adapters_per_pass``).
+def uses_bank(model, cfg: RunConfig, broadcasts: list) -> bool:
+    """Whether a client's adapters can train in shared backbone passes (:mod:`fltac.models.bank`): a plain
+    LoRA classifier or causal LM (not a staged backbone), no client hooks (their per-adapter terms act on
+    one adapter's tensors) and no backbone dropout (its draws would span adapters)."""
+    return (isinstance(model, AdapterModel) and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM")
+            and cfg.backbone_dropout == 0.0 and not any(b.config for b in broadcasts))
 
-    Needs: more than one adapter per pass allowed; a plain LoRA classifier or causal LM (not a staged
-    backbone); no client hooks (their per-adapter terms act on one adapter's tensors); no backbone dropout
-    (its draws would span groups); and no client time limit (a shared pass cannot time one client).
-    """
-    return (cfg.train.adapters_per_pass > 1 and isinstance(model, AdapterModel)
-            and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM") and cfg.backbone_dropout == 0.0
-            and cfg.reliability.client_timeout_s is None and not any(b.config for b in broadcasts))
+
+def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
+    """Whether a round's adapters, all clients together, take the fast path (``train.adapters_per_pass``):
+    :func:`uses_bank`, no client time limit (a shared pass cannot time one client) and, in the per-adapter
+    layout, more than one adapter per pass allowed (routed: 1 means every client alone, still on the bank)."""
+    return ((cfg.train.adapters_per_pass > 1 or cfg.train.batching == "routed") and uses_bank(model, cfg, broadcasts)
+            and cfg.reliability.client_timeout_s is None)
 
 
 def check_enough_sampled(rel, n_sampled: int) -> None:
@@ -388,10 +400,9 @@ class InProcessEngine:
                       for client, cjobs in by_client.items()}
         trained = None
         if trains_together(exp.model, cfg, [b for per in broadcasts.values() for b in per.values()]):
-            trained = train_all_together(exp.model, exp.train_store, jobs,
-                                         {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
-                                         cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
-                                                     for j in jobs})
+            trained = train_fast_path(exp.model, exp.train_store, jobs,
+                                      {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
+                                      cfg.train, cfg.seed, r)
         for client, cjobs in by_client.items():
             for key, b in broadcasts[client].items():
                 sent.setdefault(client, {})[id(b.state)] = state_bytes(b.state)
