@@ -31,8 +31,10 @@ import torch
 
 from fltac import io
 from fltac.config import ConfigError, RunConfig, from_dict
+from fltac.methods import method_of, pooled_slots
 from fltac.models.adapters import PEFT_PREFIX
 from fltac.models.backbone import resolve_model_path
+from fltac.wire import job_key
 
 LABELS = "labels.json"
 #: Module names peft's sequence-classification wrapper adds to ``modules_to_save`` (the head).
@@ -88,10 +90,12 @@ def serving_slots(run_dir: Path, cfg: RunConfig, task_names: list[str], round_: 
     recomputed the same way: the slot holding most of the task's training samples, by the latest cluster
     assignment of every (client, adapter) up to that round.
     """
-    if cfg.method == "fedit":
+    layout = method_of(cfg.method).layout
+    if layout == "shared":  # one global adapter serves every task
         return {name: 0 for name in task_names}
-    if cfg.method == "centralized":
-        return {name: i for i, name in enumerate(task_names)}
+    if layout == "pooled":
+        slot_of = pooled_slots(len(task_names))
+        return {name: slot_of[job_key(i)] for i, name in enumerate(task_names)}
     evals = [m for m in io.read_jsonl(run_dir / "metrics.jsonl") if m.get("phase") == "eval" and m["round"] == round_]
     if evals:
         return {m["task"]: int(m["slot"]) for m in evals}
@@ -138,11 +142,13 @@ def write_adapter(folder: Path, state: dict[str, torch.Tensor], cfg: RunConfig, 
 def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) -> dict[str, Path]:
     """Write the global adapters of ``run_dir`` after ``round_`` (default: the last saved) under ``out``.
 
-    Returns ``{folder name: path}``: one per task (FL-TAC, centralized) or ``{"fedit": ...}``.
+    Returns ``{folder name: path}``: one per task, or one named after the method (FedIT; the registry's
+    ``export`` says which).
     """
     run_dir, out = Path(run_dir), Path(out)
     cfg = read_run_config(run_dir)
-    if cfg.method in ("safedlora", "fedavg_full"):  # a trained backbone / an SVD adapter: not a peft LoRA folder
+    method = method_of(cfg.method)
+    if method.export is None:  # e.g. a trained backbone / an SVD adapter: not a peft LoRA folder
         raise ExportError(f"{run_dir} is a {cfg.method} run: export writes peft LoRA adapters and does not support "
                           f"it yet; its global model is in {run_dir / 'checkpoint'} (see the README, SA-FedLoRA)")
     rounds = run_rounds(run_dir)
@@ -157,7 +163,7 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     served = serving_slots(run_dir, cfg, names, round_)
     n_outputs = sum(len(t["labels"]) for t in tasks)
     base = backbone_path(cfg.model_name)
-    groups = {"fedit": tasks} if cfg.method == "fedit" else {t["name"]: [t] for t in tasks}
+    groups = {method.name: tasks} if method.export == "one" else {t["name"]: [t] for t in tasks}
     written = {}
     for folder_name, members in groups.items():
         slot = served[members[0]["name"]]

@@ -1,16 +1,11 @@
 """Local training: the one loop every method's clients run, and the plan of what each client trains.
 
 A client never sees the server's strategy. It is handed a start adapter for each of its *jobs* and
-returns the trained adapter with its sample count. What a job is depends only on how the method
-organises a client's adapters (:func:`plan_jobs`):
+returns the trained adapter with its sample count. What a job is depends only on the method's job
+layout in the registry (:mod:`fltac.methods`: ``per_task``, ``shared`` or ``pooled``; :func:`plan_jobs`).
 
-- ``fltac``: one job per task the client holds (one adapter each), ``local_steps`` steps each;
-- ``fedit`` (and ``hafl``, ``hetlora``, ``safedlora``, ``fedavg_full``): one job over all its tasks
-  mixed (one shared adapter), ``local_steps x n_tasks`` steps, the same total as FL-TAC gives that client;
-- ``centralized``: one pooled client, one job per task with ``local_steps x (clients holding it)``
-  steps, the same total per task as the federated runs.
-
-Jobs carry an opaque key (``a0``, ``a1``, ...): the server never learns which task a job trained.
+Jobs carry an opaque key (:func:`fltac.wire.job_key`: ``a0``, ``a1``, ...): the server never learns which
+task a job trained.
 """
 
 from __future__ import annotations
@@ -25,9 +20,11 @@ from fltac.client.hooks import Hook
 from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
 from fltac.data.chat import LMBatch
+from fltac.methods import method_of, pooled_slots
 from fltac.models.adapters import AdapterModel
 from fltac.models.causal_lm import lm_loss, row_token_nll
 from fltac.models.bank import AdapterBank, Group
+from fltac.wire import job_key
 
 
 @dataclass(frozen=True)
@@ -43,27 +40,27 @@ class Job:
         return int(len(self.rows))
 
 
-#: Methods whose clients hold one adapter over all their data (FedIT's layout).
-ONE_ADAPTER_METHODS = ("fedit", "hafl", "hetlora", "safedlora", "fedavg_full")
-
-
 def plan_jobs(method: str, client_rows: list[list[np.ndarray]], local_steps: int) -> list[Job]:
-    """All jobs of all clients. ``client_rows[k][t]``: store rows of task ``t`` held by client ``k``."""
+    """All jobs of all clients, in ``method``'s job layout (:mod:`fltac.methods`).
+
+    ``client_rows[k][t]``: store rows of task ``t`` held by client ``k``.
+    """
     jobs = []
-    if method == "centralized":
-        n_tasks = len(client_rows[0])
-        for t in range(n_tasks):
+    layout = method_of(method).layout
+    if layout == "pooled":
+        for key, t in pooled_slots(len(client_rows[0])).items():
             holders = [rows[t] for rows in client_rows if len(rows[t])]
-            jobs.append(Job(0, f"a{t}", (t,), np.concatenate(holders), local_steps * len(holders)))
+            jobs.append(Job(0, key, (t,), np.concatenate(holders), local_steps * len(holders)))
         return jobs
     for k, rows in enumerate(client_rows):
         held = [t for t, r in enumerate(rows) if len(r)]
         if not held:
             continue
-        if method in ONE_ADAPTER_METHODS:
-            jobs.append(Job(k, "a0", tuple(held), np.concatenate([rows[t] for t in held]), local_steps * len(held)))
+        if layout == "shared":
+            jobs.append(Job(k, job_key(0), tuple(held), np.concatenate([rows[t] for t in held]),
+                            local_steps * len(held)))
         else:
-            jobs.extend(Job(k, f"a{i}", (t,), rows[t], local_steps) for i, t in enumerate(held))
+            jobs.extend(Job(k, job_key(i), (t,), rows[t], local_steps) for i, t in enumerate(held))
     return jobs
 
 
