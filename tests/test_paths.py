@@ -32,9 +32,10 @@ PATTERN_CHARS = "*{<["
 
 
 def documentation() -> list[Path]:
-    """README, the docs pages, the configs and the scripts: every text a reader follows paths from."""
+    """README, docs pages, configs, scripts and the package source: every text a reader follows paths from."""
     files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    for folder, patterns in (("configs", ("*.yaml",)), ("scripts", ("*.py", "*.sh")), ("benchmarks", ("*.py",))):
+    for folder, patterns in (("configs", ("*.yaml",)), ("scripts", ("*.py", "*.sh")), ("benchmarks", ("*.py",)),
+                             ("src/fltac", ("**/*.py",)), ("flower_app", ("**/*.py",))):
         for pattern in patterns:
             files.extend(sorted((ROOT / folder).glob(pattern)))
     files.extend([ROOT / "pyproject.toml", ROOT / "flower_app" / "pyproject.toml", ROOT / ".ci" / "run"])
