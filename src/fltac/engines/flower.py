@@ -221,7 +221,7 @@ class FlowerEngine(InProcessEngine):
                 else:
                     last = rep.error.reason.strip().splitlines()[-1] if rep.error.reason else ""
                     kind, reason = "crash", f"crash: flower error {rep.error.code}: {last}"
-                bar.step(len(cjobs), note=f"client {client} dropped")
+                bar.step(sum(j.steps for j in cjobs), note=f"client {client} dropped")
                 metrics.extend({"phase": "dropped", "round": r, "client": client, "key": j.key, "kind": kind,
                                 "reason": reason} for j in cjobs)
                 continue
@@ -229,7 +229,7 @@ class FlowerEngine(InProcessEngine):
             self._uplink += wire
             metrics.extend(result.records)
             tokens += result.tokens
-            bar.step(len(cjobs), note=f"client {client}")
+            bar.step(sum(j.steps for j in cjobs), note=f"client {client}")
             subs.extend(Submission(client, key, state, n, sent_part(broadcasts_of[client][key]), extras)
                         for key, state, n, extras in result.uploads)
         return subs, tokens, expected

@@ -137,9 +137,16 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
     ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
     keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
+    ``bar`` counts adapter steps (a job's ``steps``): it advances with every step this client trains, and by
+    the rest of the client's steps when it fails; steps trained on the fast path were counted there.
     """
     rel, bar = cfg.reliability, bar or _NoBar()
     out = ClientResult()
+    counted = [sum(j.steps for j in cjobs if trained is not None and (j.client, j.key) in trained)]
+
+    def on_step(n: int) -> None:
+        counted[0] += n
+        bar.step(n, note=f"client {client}")
 
     def train(job):
         b = broadcasts[job.key]
@@ -148,10 +155,9 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
             state, losses, n_tok = trained[(job.client, job.key)]
         else:
             state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
-                                             job_seed(cfg.seed, r, job.client, job.key), hooks)
+                                             job_seed(cfg.seed, r, job.client, job.key), hooks, on_step)
         for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
             state = h.outgoing(state)
-        bar.step(note=f"client {job.client}")
         return state, losses, n_tok, {k: v for h in hooks for k, v in h.extras().items()}
 
     outcome = run_client(client, cjobs, train, rel, cfg.seed, r)
@@ -165,7 +171,7 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
                             "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
                            for i, loss in enumerate(losses))
     if outcome.kind is not None:
-        bar.step(len(cjobs) - len(outcome.done), note=f"client {client} dropped")
+        bar.step(sum(j.steps for j in cjobs) - counted[0], note=f"client {client} dropped")
         out.records.extend({"phase": "dropped", "round": r, "client": client, "key": j.key,
                             "kind": outcome.kind, "reason": outcome.reason} for j in cjobs)
         out.failed = True
@@ -338,7 +344,8 @@ class InProcessEngine:
         metrics, sent = [], {}
         t_train = time.perf_counter()
         starts = {(j.client, j.key): exp.strategy.assignment_.get((j.client, j.key)) for j in jobs}
-        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapters trained", len(jobs))
+        # counted in adapter steps, not adapters: adapters sharing passes all advance together (fast path)
+        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapter steps trained", sum(j.steps for j in jobs))
         received, tokens, expected = self._run_clients(exp, r, jobs, len(clients), metrics, sent, bar)
         bar.close()
         train_seconds = time.perf_counter() - t_train
@@ -388,7 +395,8 @@ class InProcessEngine:
             trained = train_all_together(exp.model, exp.train_store, jobs,
                                          {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
                                          cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
-                                                     for j in jobs})
+                                                     for j in jobs},
+                                         lambda n: bar.step(n, note=f"{n} adapters per pass"))
         for client, cjobs in by_client.items():
             for key, b in broadcasts[client].items():
                 sent.setdefault(client, {})[id(b.state)] = state_bytes(b.state)
