@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 
 from fltac import __version__
@@ -120,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one sub-folder per task (FL-TAC) or 'fedit'")
     exp.add_argument("--round", type=int, metavar="N", help="the adapters after round N (default: the last)")
 
-    pred = sub.add_parser("predict", help="print the label an exported adapter predicts for each text")
+    pred = sub.add_parser("predict", help="print the label (and its probability) an exported adapter predicts for "
+                                          "each text")
     pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred.add_argument("--json", action="store_true",
+                      help="one JSON object per line and text: {text, tasks: {task: {label, probability, "
+                           "probabilities}}}")
     pred.add_argument("--adapter", metavar="DIR", required=True, help="a folder written by fltac export")
     pred.add_argument("--task", help="only this task (a FedIT export serves every task)")
     pred.add_argument("--model", metavar="PATH", help="the backbone, if not where labels.json says")
@@ -215,12 +220,17 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from fltac.export import predict
 
-    for text, labels in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
-        if len(labels) == 1:
-            print(next(iter(labels.values())))
-        else:
-            print("\t".join(f"{task}: {label}" for task, label in labels.items()))
+    for text, tasks in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
+        print(json.dumps({"text": text, "tasks": tasks}, ensure_ascii=False) if args.json
+              else prediction_line(text, tasks))
     return 0
+
+
+def prediction_line(text: str, tasks: dict) -> str:
+    """``reviews: positive (0.934)<TAB>topics: sport (0.412)<TAB>the text`` (one line, cut to 60 characters)."""
+    flat = " ".join(text.split())
+    shown = flat if len(flat) <= 60 else flat[:57] + "..."
+    return "\t".join([*(f"{task}: {p['label']} ({p['probability']:.3f})" for task, p in tasks.items()), shown])
 
 
 def cmd_pretrain_vit(args) -> int:
