@@ -46,7 +46,9 @@ METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
 CHECKPOINT = "checkpoint"
 #: What a run writes into output_dir; all of it is removed by --overwrite, nothing else is.
-TASKS = "tasks.json"  # per task: name, label names, offset in the shared output layer (for export)
+#: Per task: name, label names, offset in the shared output layer (for export), the majority-class accuracy of
+#: the test sample (for the report).
+TASKS = "tasks.json"
 GENERATIONS = "generations.jsonl"  # causal LM, last round: per judged pair, prompt, reference, prediction, score
 RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard",
              GENERATIONS)
@@ -295,8 +297,8 @@ class InProcessEngine:
             self.log(f"[fltac] resuming {self.out} after round {ckpt['round']}")
         io.write_json(self.out / "config.json", cfg.to_dict())
         io.write_json(self.out / TASKS, [{"name": t.name, "offset": exp.space.offsets[i], "labels": t.labels,
-                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts)}
-                                         for i, t in enumerate(exp.tasks)])
+                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts),
+                                          **self.baselines(exp, i)} for i, t in enumerate(exp.tasks)])
         if "tensorboard" in self.sinks:
             from fltac.eval.tensorboard import TensorBoardSink
 
@@ -442,6 +444,12 @@ class InProcessEngine:
                 f"fewer than the {need} required (reliability.min_clients_per_round = {rel.min_clients_per_round}, "
                 f"reliability.min_fraction_per_round = {rel.min_fraction_per_round:g}); dropped: {listing}{more}")
         return accepted, bound
+
+    @staticmethod
+    def baselines(exp: Experiment, task: int) -> dict:
+        """What a task's scores should beat, for tasks.json: ``majority_accuracy`` (always its most frequent label of
+        the test sample) where the run scores accuracy; nothing for a causal LM."""
+        return {"majority_accuracy": exp.evaluator.majority_accuracy(task)} if exp.evaluator.metric == "accuracy" else {}
 
     def served_slots(self, exp: Experiment) -> list[int]:
         """Per task, the slot holding most of its assigned training samples (the adapter that serves it)."""
