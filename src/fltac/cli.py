@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--engine", choices=["inprocess", "flower-sim"], default="inprocess",
                      help="inprocess (default): every client in this process; flower-sim: the same run on Flower's "
-                          "simulation runtime (needs pip install 'fltac[flower]'; see the README, Running on Flower)")
+                          "simulation runtime (needs pip install 'fltac[flower]'; see docs/flower.md)")
     run.add_argument("--log", action="append", default=[], choices=["tensorboard"],
                      help="also stream metrics to TensorBoard (events in output_dir/tensorboard; needs the "
                           "tensorboard package); metrics.jsonl is always written")
@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", metavar="PATH", help="the backbone, if not where labels.json says")
 
     vit = sub.add_parser("pretrain-vit", help="pretrain the offline ViT (model_name: vit-fashion-mnist) on "
-                                              "Fashion-MNIST and cache it; see the README, Vision")
-    vit.add_argument("--out", "--output_dir", dest="out", metavar="DIR", help="where it goes (default: ~/.cache/fltac/vit-fashion-mnist, the "
-                                                  "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
+                                              "Fashion-MNIST and cache it; see docs/scenarios.md")
+    vit.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
+                     help="where it goes (default: ~/.cache/fltac/vit-fashion-mnist, the "
+                          "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
     vit.add_argument("--epochs", type=int, default=3, help="passes over the 60k training images (default 3)")
     vit.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch order (default 0)")
     vit.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
