@@ -202,3 +202,12 @@ def test_export_round_and_errors(tiny_runs, tmp_path, capsys):
         export_run(tiny_runs["fltac"], tmp_path / "r7", 7)
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_the_docs_show_the_snippet_the_export_writes():
+    from pathlib import Path
+
+    from fltac.export import PEFT_SNIPPET
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "own-data.md").read_text()
+    assert PEFT_SNIPPET.replace("FOLDER", '"exported/text5/bbc"') in page
