@@ -16,7 +16,7 @@ import csv
 import json
 import sys
 
-from fltac import __version__
+import fltac
 from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback. Named by module, so that
@@ -87,8 +87,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fltac", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"fltac {__version__}")
+    parser = argparse.ArgumentParser(prog="fltac", description=fltac.__doc__,
+                                     epilog="'fltac COMMAND --help' lists a command's options, with each config "
+                                            "flag's help, default and choices; every config key: "
+                                            "docs/configuration.md")
+    parser.add_argument("--version", action="version", version=f"fltac {fltac.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated (or centralized) fine-tuning job",
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
                      help="where the report goes (default: the first RUN_DIR)")
 
-    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json)")
+    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json, and a "
+                                        "README.md on using them)")
     exp.add_argument("run_dir", metavar="RUN_DIR")
     exp.add_argument("--out", "--output_dir", dest="out", metavar="DIR", required=True,
                      help="one sub-folder per task (FL-TAC) or 'fedit'")
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="print the label (and its probability) an exported adapter predicts for "
                                           "each text")
-    pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify (longer ones are cut to the "
+                                                               "run's max_length tokens, as in training)")
     pred.add_argument("--json", action="store_true",
                       help="one JSON object per line and text: {text, tasks: {task: {label, probability, "
                            "probabilities}}}")
