@@ -467,7 +467,8 @@ class InProcessEngine:
         """The adapters clients submitted in round ``r`` (FL-TAC, first and last round), for the report's projection.
 
         Keys ``<client>/<key>/<tensor>``. The JSON beside it gives the slot each job started from (-1: the
-        initial adapter, then saved as ``initial/<tensor>``), so a reader can rebuild the updates K-means saw.
+        initial adapter, then saved as ``initial/<tensor>``) and the order of an adapter's tensors as clients
+        sent them (``tensor_order``; safetensors files sort them), so a reader can rebuild the vectors K-means saw.
         """
         tensors = {f"{s.client}/{s.key}/{k}": v for s in subs for k, v in s.state.items()}
         start_rows = [[s.client, s.key, -1 if starts.get((s.client, s.key)) is None else starts[(s.client, s.key)]]
@@ -475,7 +476,8 @@ class InProcessEngine:
         if any(row[2] == -1 for row in start_rows):
             tensors.update({f"initial/{k}": v for k, v in exp.strategy.initial.items()})
         io.save_tensors(self.out / "adapters" / f"submissions_round_{r}.safetensors", tensors)
-        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json", {"round": r, "starts": start_rows})
+        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json",
+                      {"round": r, "starts": start_rows, "tensor_order": list(subs[0].state) if subs else []})
 
     def round_line(self, r: int, info: dict, clusters: list[dict], evals: list[dict] | None) -> str:
         parts = [f"round {r}/{self.cfg.train.rounds}", f"loss {info['mean_local_loss']:.3f}",

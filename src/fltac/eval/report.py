@@ -9,8 +9,8 @@ Plots (matplotlib, Agg backend):
 - ``clustering_accuracy.png``: FL-TAC's clustering accuracy per round, one line per FL-TAC run;
 - ``confusion_<run>.png``: the final round's task-by-cluster counts of submitted adapters;
 - ``projection_<run>.png``: a 2-D PCA of the adapters clients submitted in the first and last round,
-  as the server's K-means saw them (same tensors, update or weights, normalised or not, per the run's
-  ``server`` config), coloured by the true task, marked by the cluster K-means put them in.
+  as the server's K-means saw them (computed by the run's own strategy from its ``server`` config),
+  coloured by the true task, marked by the cluster K-means put them in.
 
 The table compares the runs from their ``summary.json``.
 """
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from fltac import io
-from fltac.config import ConfigError
+from fltac.config import ConfigError, from_dict
+from fltac.wire import Submission, is_lora_key
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 DPI = 100
@@ -138,37 +139,34 @@ def _slot_states(run: Run, round_: int) -> dict[int, dict]:
 def kmeans_features(run: Run, round_: int) -> tuple[np.ndarray, list[str], list[int]]:
     """The vectors the server's K-means clustered in ``round_``, with each one's true task and assigned cluster.
 
-    Rebuilt from the saved submissions as :meth:`fltac.server.strategies.FLTAC.features` builds them.
+    Computed by the run's own strategy (:meth:`fltac.server.strategies.FLTAC.features`, built from the run's
+    config with the same factory), from the saved submissions and the adapters they started from: the same
+    tensors, weights or update, normalisation and ``kmeans_dims`` projection as the server used.
     """
-    server = run.config.get("server", {})
+    from fltac.server.strategies import make_fltac
+
+    cfg = from_dict(run.config)
     tensors = io.load_tensors(run.path / "adapters" / f"submissions_round_{round_}.safetensors")
     meta = io.read_json(run.path / "adapters" / f"submissions_round_{round_}.json")
     starts = {(c, k): s for c, k, s in meta["starts"]}
     initial = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("initial/")}
-    subs: dict[tuple[int, str], dict] = defaultdict(dict)
+    states: dict[tuple[int, str], dict] = defaultdict(dict)
     for name, t in tensors.items():
         if not name.startswith("initial/"):
             client, key, tensor = name.split("/", 2)
-            subs[(int(client), key)][tensor] = t
-    any_state = next(iter(subs.values()))
-    keys = sorted(k for k in any_state if server.get("cluster_features", "lora") != "lora"
-                  or ".lora_A." in k or ".lora_B." in k)
+            states[(int(client), key)][tensor] = t
+    order = meta.get("tensor_order") or list(next(iter(states.values())))  # older runs: the file's order
     previous = _slot_states(run, round_ - 1) if any(s >= 0 for s in starts.values()) else {}
     record = next(c for c in run.clusters if c["round"] == round_)
-    feats, tasks, clusters = [], [], []
+    subs = []
     for a in record["assignments"]:
-        state = subs[(a["client"], a["key"])]
-        vec = np.concatenate([state[k].double().numpy().ravel() for k in keys])
-        if server.get("cluster_on", "weights") == "update":
-            slot = starts[(a["client"], a["key"])]
-            start = initial if slot < 0 else previous[slot]
-            vec = vec - np.concatenate([start[k].double().numpy().ravel() for k in keys])
-        if server.get("cluster_normalize", False):
-            vec = vec / max(np.linalg.norm(vec), 1e-12)
-        feats.append(vec)
-        tasks.append(a["task"])
-        clusters.append(a["cluster"])
-    return np.stack(feats), tasks, clusters
+        slot = starts[(a["client"], a["key"])]
+        state = states[(a["client"], a["key"])]
+        subs.append(Submission(a["client"], a["key"], {k: state[k] for k in order}, a["n"],
+                               initial if slot < 0 else previous[slot]))
+    strategy = make_fltac(cfg, subs[0].state, len(run.tasks), [k for k in order if is_lora_key(k)])
+    return (strategy.features(subs), [a["task"] for a in record["assignments"]],
+            [a["cluster"] for a in record["assignments"]])
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -377,11 +375,12 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, comm
 
 
 def _feature_note(config: dict) -> str:
-    server = config.get("server", {})
-    what = "LoRA matrices" if server.get("cluster_features", "lora") == "lora" else "LoRA matrices and head"
-    on = "update since the adapter it was sent" if server.get("cluster_on") == "update" else "weights"
-    norm = ", scaled to unit length" if server.get("cluster_normalize") else ""
-    return f"{what}, {on}{norm}"
+    server = from_dict(config).server  # the run's values, the config's defaults for keys it predates
+    what = "LoRA matrices" if server.cluster_features == "lora" else "LoRA matrices and head"
+    on = "update since the adapter it was sent" if server.cluster_on == "update" else "weights"
+    norm = ", scaled to unit length" if server.cluster_normalize else ""
+    projected = f", projected to {server.kmeans_dims} dimensions" if server.kmeans_dims is not None else ""
+    return f"{what}, {on}{norm}{projected}"
 
 
 def render_markdown(blocks: list[tuple]) -> str:
