@@ -219,6 +219,16 @@ def test_state_dict_round_trips_and_the_next_round_agrees(method):
     assert_states_close(ta, tb, exact=True)
 
 
+@ALL
+def test_the_registry_says_whether_broadcasts_carry_hook_settings(method):
+    strategy = new_strategy(method)
+    configs = []
+    for r in ROUNDS:
+        configs += [strategy.configure(r, j.client, j.key).config for j in jobs_of(method)]
+        run_round(strategy, method, r)
+    assert any(configs) == METHODS[method].client_hooks
+
+
 def test_the_battery_covers_every_registered_method():
     assert set(METHODS) == {"fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full"}
     assert all(jobs_of(m) for m in METHODS)
