@@ -55,9 +55,16 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
     ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
     keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
+    ``bar`` counts adapter steps (a job's ``steps``): it advances with every step this client trains, and by
+    the rest of the client's steps when it fails; steps trained on the fast path were counted there.
     """
     rel, bar = cfg.reliability, bar or _NoBar()
     out = ClientResult()
+    counted = [sum(j.steps for j in cjobs if trained is not None and (j.client, j.key) in trained)]
+
+    def on_step(n: int) -> None:
+        counted[0] += n
+        bar.step(n, note=f"client {client}")
 
     def train(job):
         b = broadcasts[job.key]
@@ -66,10 +73,9 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
             state, losses, n_tok = trained[(job.client, job.key)]
         else:
             state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
-                                             job_seed(cfg.seed, r, job.client, job.key), hooks)
+                                             job_seed(cfg.seed, r, job.client, job.key), hooks, on_step)
         for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
             state = h.outgoing(state)
-        bar.step(note=f"client {job.client}")
         return state, losses, n_tok, {k: v for h in hooks for k, v in h.extras().items()}
 
     outcome = run_client(client, cjobs, train, rel, cfg.seed, r)
@@ -83,7 +89,7 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
                             "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
                            for i, loss in enumerate(losses))
     if outcome.kind is not None:
-        bar.step(len(cjobs) - len(outcome.done), note=f"client {client} dropped")
+        bar.step(sum(j.steps for j in cjobs) - counted[0], note=f"client {client} dropped")
         out.records.extend({"phase": "dropped", "round": r, "client": client, "key": j.key,
                             "kind": outcome.kind, "reason": outcome.reason} for j in cjobs)
         out.failed = True

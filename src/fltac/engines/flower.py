@@ -222,13 +222,13 @@ class FlowerTransport:
                 else:
                     last = rep.error.reason.strip().splitlines()[-1] if rep.error.reason else ""
                     kind, reason = "crash", f"crash: flower error {rep.error.code}: {last}"
-                bar.step(len(cjobs), note=f"client {client} dropped")
+                bar.step(sum(j.steps for j in cjobs), note=f"client {client} dropped")
                 results[client] = ClientResult([{"phase": "dropped", "round": r, "client": client, "key": j.key,
                                                  "kind": kind, "reason": reason} for j in cjobs], failed=True)
                 continue
             results[client], wire = decode_result(rep.content)
             up += wire
-            bar.step(len(cjobs), note=f"client {client}")
+            bar.step(sum(j.steps for j in cjobs), note=f"client {client}")
         return Delivery(results, down, up)
 
 

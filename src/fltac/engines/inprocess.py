@@ -49,7 +49,9 @@ METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
 CHECKPOINT = "checkpoint"
 #: What a run writes into output_dir; all of it is removed by --overwrite, nothing else is.
-TASKS = "tasks.json"  # per task: name, label names, offset in the shared output layer (for export)
+#: Per task: name, label names, offset in the shared output layer (for export), the majority-class accuracy of
+#: the test sample (for the report).
+TASKS = "tasks.json"
 GENERATIONS = "generations.jsonl"  # causal LM, last round: per judged pair, prompt, reference, prediction, score
 RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard",
              GENERATIONS)
@@ -120,7 +122,7 @@ class Transport(Protocol):
     def exchange(self, round_: int, jobs_of: dict[int, list], broadcasts: dict[int, dict[str, Broadcast]],
                  bar) -> Delivery:
         """Deliver ``broadcasts[client][key]`` to every client of ``jobs_of`` (its jobs of the round, in
-        order) and return what each sent back; ``bar`` steps once per adapter trained or dropped."""
+        order) and return what each sent back; ``bar`` steps once per adapter step trained or dropped."""
         ...
 
 
@@ -151,7 +153,8 @@ class InProcessTransport:
             trained = train_all_together(self.model, self.store, jobs,
                                          {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
                                          cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
-                                                     for j in jobs})
+                                                     for j in jobs},
+                                         lambda n: bar.step(n, note=f"{n} adapters per pass"))
         results, down = {}, 0
         for client, cjobs in jobs_of.items():
             distinct = {id(b.state): b.state for b in broadcasts[client].values()}  # a shared slot is sent once
@@ -268,8 +271,8 @@ class InProcessEngine:
             self.log(f"[fltac] resuming {self.out} after round {ckpt['round']}")
         io.write_json(self.out / "config.json", cfg.to_dict())
         io.write_json(self.out / TASKS, [{"name": t.name, "offset": exp.space.offsets[i], "labels": t.labels,
-                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts)}
-                                         for i, t in enumerate(exp.tasks)])
+                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts),
+                                          **self.baselines(exp, i)} for i, t in enumerate(exp.tasks)])
         if "tensorboard" in self.sinks:
             from fltac.eval.tensorboard import TensorBoardSink
 
@@ -318,7 +321,8 @@ class InProcessEngine:
         metrics = []
         t_train = time.perf_counter()
         starts = {(j.client, j.key): exp.strategy.assignment_.get((j.client, j.key)) for j in jobs}
-        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapters trained", len(jobs))
+        # counted in adapter steps, not adapters: adapters sharing passes all advance together (fast path)
+        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapter steps trained", sum(j.steps for j in jobs))
         received, expected, delivery = self._run_clients(exp, r, jobs, len(clients), metrics, bar)
         bar.close()
         train_seconds = time.perf_counter() - t_train
@@ -401,6 +405,12 @@ class InProcessEngine:
                 f"fewer than the {need} required (reliability.min_clients_per_round = {rel.min_clients_per_round}, "
                 f"reliability.min_fraction_per_round = {rel.min_fraction_per_round:g}); dropped: {listing}{more}")
         return accepted, bound
+
+    @staticmethod
+    def baselines(exp: Experiment, task: int) -> dict:
+        """What a task's scores should beat, for tasks.json: ``majority_accuracy`` (always its most frequent label of
+        the test sample) where the run scores accuracy; nothing for a causal LM."""
+        return {"majority_accuracy": exp.evaluator.majority_accuracy(task)} if exp.evaluator.metric == "accuracy" else {}
 
     def served_slots(self, exp: Experiment) -> list[int]:
         """Per task, the slot holding most of its assigned training samples (the adapter that serves it)."""
