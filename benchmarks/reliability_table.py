@@ -2,7 +2,8 @@
 
 Each row is one ``fltac run`` per seed (the exact command is printed with ``--print-commands``);
 runs already finished in ``--root`` are read, not redone, so the script can be stopped and started
-again. Prints the markdown tables (mean and sample standard deviation over the seeds) and writes
+again (a run a stopped script left unfinished keeps its ``<run>.lock`` in the root: delete it to redo the
+run), and two instances can share a root. Prints the markdown tables (mean and sample standard deviation over the seeds) and writes
 the per-run figures to ``--root``/table.json.
 
     PYTHONPATH=src python benchmarks/reliability_table.py --root results/reliability --seeds 42 43 44 --jobs 2
@@ -66,10 +67,16 @@ def command(name: str, extra: list[str], seed: int, root: Path) -> list[str]:
             "--quiet"]
 
 
-def run_one(name: str, extra: list[str], seed: int, root: Path) -> dict:
-    """Run (or read) one row at one seed: its summary figures, or the one-line error it stopped with."""
+def run_one(name: str, extra: list[str], seed: int, root: Path) -> dict | None:
+    """Run (or read) one row at one seed: its summary figures, or the one-line error it stopped with; None
+    when another instance of this script holds the run (``<run>.lock`` in ``root``, made first)."""
     out = root / f"{name}_s{seed}"
     if not (out / "summary.json").exists() and not (out / "error.txt").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(root / f"{out.name}.lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return None
         argv = command(name, extra, seed, root)
         proc = subprocess.run([sys.executable, "-m", "fltac", *argv[1:]], capture_output=True, text=True,
                               env={**os.environ})
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         done = list(pool.map(lambda w: run_one(w[0], w[1], w[2], root), work))
     results: dict[str, list[dict]] = {}
     for (name, _, seed), res in zip(work, done):
-        results.setdefault(name, []).append({"seed": seed, **res})
+        if res is not None:
+            results.setdefault(name, []).append({"seed": seed, **res})
     (root / "table.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print("\n".join(table_one(results)))
     print()

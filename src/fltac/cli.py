@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 from fltac.assets import AssetMissing
-from fltac.config import FLAG_KEYS, ConfigError, load_config, parse_override
+from fltac.config import FLAG_KEYS, ConfigError, load_config, parse_override, read_value
 from fltac.data.hub import HubUnavailable
-from fltac.io import AdapterFileError
+from fltac.io import RunFileError
 from fltac.models.adapters import AdapterMismatch
 from fltac.models.backbone import ModelLoadError
 from fltac.server.strategies import AggregationError
 
-#: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, AdapterFileError, AdapterMismatch, HubUnavailable,
-               AggregationError)
+#: Errors that are the user's to fix (their input, files or environment): printed as one line, exit code 2,
+#: no traceback (unless --debug or FLTAC_DEBUG=1). Anything else is an internal error and keeps its traceback.
+USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, RunFileError, AdapterMismatch, HubUnavailable,
+               AggregationError, OSError)
+#: Set to 1 to see the traceback of a user error, as --debug does.
+DEBUG_ENV = "FLTAC_DEBUG"
 
 
 def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
@@ -37,12 +41,10 @@ def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    import yaml
-
     overrides = {}
     for name, value in vars(args).items():
         if name.startswith("flag_") and value is not None:
-            overrides[FLAG_KEYS[name[5:]]] = yaml.safe_load(value)
+            overrides[FLAG_KEYS[name[5:]]] = read_value(FLAG_KEYS[name[5:]], value)
     for text in args.override:
         key, value = parse_override(text)
         overrides[key] = value
@@ -191,13 +193,40 @@ def cmd_pretrain_vit(args) -> int:
     return 0
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints: ``fltac: error: <what, naming the file or key>``."""
+    if isinstance(exc, OSError) and exc.strerror:  # the file and the system's reason, without '[Errno n]'
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror}" + (f" ({exc.filename2})" if exc.filename2 else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return "fltac: error: " + " ".join(text.split())
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on the command and on every subcommand: show a user error's traceback."""
+    helper = f"show the traceback of an error (also: {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=helper)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=helper)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The error boundary: a user error is one line on stderr and exit code 2; ``--debug`` (or FLTAC_DEBUG=1)
+    re-raises it with its traceback; internal errors always keep theirs."""
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
                 "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
     except USER_ERRORS as exc:
-        print(f"fltac: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(error_line(exc), file=sys.stderr)
         return 2
 
 
