@@ -14,22 +14,28 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 
 import fltac
-from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override
+from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override, read_value
 
-#: Errors that are the user's to fix: printed as one line, exit code 2, no traceback. Named by module, so that
-#: ``fltac --help`` and a config error import no torch, peft or transformers (see :func:`user_errors`).
+#: Errors that are the user's to fix (their input, files or environment): printed as one line, exit code 2, no
+#: traceback (unless --debug or FLTAC_DEBUG=1); anything else is an internal error and keeps its traceback. Named
+#: by module, so that ``fltac --help`` and a config error import no torch, peft or transformers
+#: (see :func:`user_errors`); OSError (a file or folder the system refuses) is always one.
 USER_ERRORS = {"fltac.config": "ConfigError", "fltac.assets": "AssetMissing", "fltac.models.backbone": "ModelLoadError",
-               "fltac.io": "AdapterFileError", "fltac.models.adapters": "AdapterMismatch",
+               "fltac.io": "RunFileError", "fltac.models.adapters": "AdapterMismatch",
                "fltac.data.hub": "HubUnavailable", "fltac.server.strategies": "AggregationError"}
+#: Set to 1 to see the traceback of a user error, as --debug does.
+DEBUG_ENV = "FLTAC_DEBUG"
 
 
 def user_errors() -> tuple[type, ...]:
-    """The :data:`USER_ERRORS` classes of the modules imported so far: one whose module never loaded cannot
-    have been raised, and importing it to find out would cost seconds."""
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
+    """The :data:`USER_ERRORS` classes of the modules imported so far (one whose module never loaded cannot
+    have been raised, and importing it to find out would cost seconds), and OSError."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
+                 if module in sys.modules) + (OSError,)
 
 
 #: Other names a flag answers to: ``--out`` everywhere a command writes somewhere (old names kept).
@@ -74,12 +80,10 @@ def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    import yaml
-
     overrides = {}
     for name, value in vars(args).items():
         if name.startswith("flag_") and value is not None:
-            overrides[FLAG_KEYS[name[5:]]] = yaml.safe_load(value)
+            overrides[FLAG_KEYS[name[5:]]] = read_value(FLAG_KEYS[name[5:]], value)
     for text in args.override:
         key, value = parse_override(text)
         overrides[key] = value
@@ -249,13 +253,40 @@ def cmd_pretrain_vit(args) -> int:
     return 0
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints: ``fltac: error: <what, naming the file or key>``."""
+    if isinstance(exc, OSError) and exc.strerror:  # the file and the system's reason, without '[Errno n]'
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror}" + (f" ({exc.filename2})" if exc.filename2 else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return "fltac: error: " + " ".join(text.split())
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on the command and on every subcommand: show a user error's traceback."""
+    helper = f"show the traceback of an error (also: {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=helper)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=helper)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The error boundary: a user error is one line on stderr and exit code 2; ``--debug`` (or FLTAC_DEBUG=1)
+    re-raises it with its traceback; internal errors always keep theirs."""
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
                 "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
     except user_errors() as exc:
-        print(f"fltac: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(error_line(exc), file=sys.stderr)
         return 2
 
 
