@@ -1,5 +1,6 @@
 """``fltac compare`` on the tiny BERT and the two CSV tasks (tests/conftest.py): the tables, the skip of finished
-pairs, and runs bit-identical to separate ``fltac run`` calls although they share the tokenised rows."""
+pairs, and runs bit-identical to separate ``fltac run`` calls although they share the tokenised rows; a causal
+LM (tests/test_chat.py's tiny Llama) compared on its LM loss."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fltac.engines.inprocess import run
 from fltac.io import load_tensors
 
 from conftest import tiny_config_overrides
+from test_chat import dolly_jsonl, tiny_llama  # noqa: F401  (fixtures: a tiny Llama and Dolly rows)
 
 METHODS, SEEDS = ["fltac", "fedit"], [3, 4]
 
@@ -130,3 +132,22 @@ def test_bad_methods_or_repeated_seeds_stop_before_training(tiny_yaml, tmp_path,
     err = capsys.readouterr().err.splitlines()
     assert "nope" in err[0] and "--seeds: 1 given more than once" in err[1]
     assert not (tmp_path / "x").exists()
+
+
+def test_causal_lm_runs_are_compared_on_their_lm_loss(tiny_llama, dolly_jsonl, tmp_path):
+    cfg = {"model_name": tiny_llama, "dtype": "float32", "lora": {"target_modules": ["q_proj", "v_proj"]},
+           "data": {"scenario": "dolly", "source": dolly_jsonl, "tasks": ["open_qa", "closed_qa"], "test_fraction": 0.25,
+                    "max_length": 24},
+           "partition": {"n_clients": 2, "min_frac": 0.0}, "train": {"rounds": 2, "local_steps": 2, "batch_size": 4},
+           "eval": {"eval_size": 3, "batch_size": 2, "judge_samples": 0}}
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(tmp_path / "lm.yaml"), "--methods", "fedit", "--seeds", "1", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    with open(out / "comparison.csv") as f:
+        rows = {r["quantity"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["lm_loss/open_qa", "lm_loss/closed_qa", "lm_loss/mean", "uplink_bytes", "wall_seconds"]
+    losses = [summary(out / f"fedit_seed{s}")["mean_lm_loss"] for s in (1, 2)]
+    assert [float(v) for v in rows["lm_loss/mean"]["values"].split()] == losses
+    assert "Test LM loss (lower is better)" in (out / "comparison.md").read_text()
+    assert (out / "accuracy_per_round.png").is_file() and (out / "accuracy_vs_uplink.png").is_file()

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fltac.config import ConfigError, RunConfig
-from fltac.eval.report import Run, build_report, clustering_by_round, load_run, render_markdown
+from fltac.eval.report import LABELS, Run, build_report, clustering_by_round, load_run, render_markdown
 
 CSV_HEAD = ["method", "quantity", "mean", "std", "n_seeds", "seeds", "values"]
 
@@ -66,15 +66,10 @@ def run_pairs(configs: dict[tuple[str, int], RunConfig], quiet: bool = False) ->
                 from None
 
 
-def metric_of(summary: dict) -> str:
-    """'accuracy', or 'lm_loss' for a causal-LM run (the summary's metric, as ``fltac report`` shows it)."""
-    return "accuracy" if "per_task_accuracy" in summary else "lm_loss"
-
-
 def quantities(run: Run) -> dict[str, float]:
     """The compared figures of one run: ``{metric}/{task}``, ``{metric}/mean``, ``clustering_accuracy/round_{r}``
     (clustering methods only), ``uplink_bytes``, ``wall_seconds``."""
-    s, metric = run.summary, metric_of(run.summary)
+    s, metric = run.summary, run.metric
     values = {f"{metric}/{task}": s[f"per_task_{metric}"][task] for task in run.tasks}
     values[f"{metric}/mean"] = s[f"mean_{metric}"]
     values.update({f"clustering_accuracy/round_{r}": acc for r, acc in zip(*clustering_by_round(run))})
@@ -116,8 +111,8 @@ def blocks(figures: dict[str, dict[str, list[float]]], runs: dict[tuple[str, int
            command: str) -> list[tuple]:
     """The document, as :func:`fltac.eval.report.render_markdown` blocks."""
     first = next(iter(runs.values()))
-    metric, tasks = metric_of(first.summary), first.tasks
-    what = "test accuracy" if metric == "accuracy" else "test LM loss (lower is better)"
+    metric, tasks = first.metric, first.tasks
+    what = f"test {LABELS[metric]}" + (" (lower is better)" if metric == "lm_loss" else "")
     doc = [("h1", "fltac compare"), ("code", command),
            ("p", f"Seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}). Each cell: mean ± sample standard "
                  "deviation (ddof=1) over the seeds" + (" (one seed: no spread)" if len(seeds) == 1 else "")
