@@ -132,8 +132,8 @@ def blocks(figures: dict[str, dict[str, list[float]]], runs: dict[tuple[str, int
              [[m, cell(per["uplink_bytes"], ".3f", 1e6), cell(per["wall_seconds"], ".1f")] for m, per in figures.items()]),
             ("p", f"CPU: {first.summary.get('cpu', '?')}; load average when this table was written: "
                   f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min). Wall time includes setup; the runs "
-                  "of one call share the loaded and tokenised data, so only the first to need them pays for "
-                  "tokenising, and a resumed run counts only its own rounds' time."),
+                  "of one call share the loaded and tokenised data, so only the first run to need them pays for "
+                  "tokenising."),
             ("h2", "Per seed"),
             ("table", ["method", "seed", f"mean {metric}", "final clustering accuracy", "wall time (s)"],
              [[m, str(seed), f"{r.summary[f'mean_{metric}']:.4f}",
