@@ -18,6 +18,7 @@ from fltac.io import load_tensors
 
 from conftest import tiny_config_overrides
 from test_chat import dolly_jsonl, tiny_llama  # noqa: F401  (fixtures: a tiny Llama and Dolly rows)
+from test_cli import HEAVY, _imported
 
 METHODS, SEEDS = ["fltac", "fedit"], [3, 4]
 
@@ -151,3 +152,8 @@ def test_causal_lm_runs_are_compared_on_their_lm_loss(tiny_llama, dolly_jsonl, t
     assert [float(v) for v in rows["lm_loss/mean"]["values"].split()] == losses
     assert "Test LM loss (lower is better)" in (out / "comparison.md").read_text()
     assert (out / "accuracy_per_round.png").is_file() and (out / "accuracy_vs_uplink.png").is_file()
+
+
+def test_a_config_error_answers_before_any_heavy_import(tiny_yaml, tmp_path):
+    rc, modules = _imported(["compare", "--config", tiny_yaml, "--methods", "fltac", "nope", "--out", str(tmp_path)])
+    assert rc == 2 and not modules & set(HEAVY), sorted(modules & set(HEAVY))

@@ -83,6 +83,38 @@ def test_out_of_range_names_the_key(key, value):
     _raises_naming(key, load_config, None, {key: value})
 
 
+def _float_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every float (or optional float) key of the config, dotted."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{prefix}{f.name}.")
+        elif tp is float or float in typing.get_args(tp):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "inf"])
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_key_rejects_nan_and_infinity(key, value):
+    msg = _raises_naming(key, load_config, None, {key: yaml.safe_load(value)})
+    assert "finite" in msg
+
+
+def test_float_keys_are_found():
+    assert {"partition.alpha", "train.lr", "reliability.client_timeout_s", "backbone_dropout"} <= set(_float_keys())
+
+
+def test_infinite_alpha_points_at_the_iid_kind():
+    msg = _raises_naming("partition.alpha", load_config, None, {"partition.alpha": float("inf")})
+    assert "partition.kind: iid" in msg
+    assert load_config(None, {"partition.kind": "iid"}).partition.kind == "iid"
+
+
 def test_min_frac_bound_depends_on_n_clients():
     assert load_config(None, {"partition.n_clients": 2, "partition.min_frac": 0.4}).partition.min_frac == 0.4
     _raises_naming("partition.min_frac", load_config, None, {"partition.n_clients": 3, "partition.min_frac": 0.4})

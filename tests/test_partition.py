@@ -293,3 +293,14 @@ def test_cli_partition_prints_the_table(text5_setup, capsys):
     numbers = [int(x) for x in total_line.split()[1:]]
     n_train = [len(t.train_texts) for t in tasks]
     assert numbers == [*n_train, sum(n_train)]
+
+
+def test_iid_kind_gives_every_client_an_equal_share_of_every_task():
+    parts = partition_all([103, 40], n_clients=4, alpha=0.5, min_frac=0.0, seed=7, iid=True)
+    table = partition_table(parts)
+    assert table[:, 0].tolist() == [26, 26, 26, 25] and table[:, 1].tolist() == [10] * 4
+    for task_parts, n in zip(parts, [103, 40]):
+        rows = np.concatenate(task_parts)
+        assert sorted(rows.tolist()) == list(range(n))  # disjoint and covering
+    again = partition_all([103, 40], n_clients=4, alpha=0.5, min_frac=0.0, seed=7, iid=True)
+    assert all((a == b).all() for ta, tb in zip(parts, again) for a, b in zip(ta, tb))

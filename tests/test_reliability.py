@@ -31,7 +31,7 @@ from fltac.engines.faults import ClientFault, corrupt, draw_client_fault, run_cl
 from fltac.engines.inprocess import RunError, TooFewClients, run
 from fltac.server.aggregate import weighted_mean
 from fltac.server.robust import (Aggregation, clip_update, coordinate_median, finite_problem, screen, slots_problem,
-                                 spec_of, structure_problem, trimmed_mean, update_norm)
+                                 spec_of, state_norm, structure_problem, trimmed_mean, update_norm)
 from fltac.server.strategies import Centralized, Submission, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ SPEC = spec_of(START)
 def test_each_structural_and_finite_rule(name, bad, words):
     good = _adapter()
     assert structure_problem(good, SPEC) is None and finite_problem(good) is None
-    reasons, _ = screen([good, bad(_adapter())], [START, START], [SPEC, SPEC])
+    reasons, _, _ = screen([good, bad(_adapter())], [START, START], [SPEC, SPEC], [0, 1])
     assert reasons[0] is None
     assert reasons[1] is not None and all(w in reasons[1] for w in words), reasons[1]
 
@@ -224,21 +224,21 @@ def test_each_structural_and_finite_rule(name, bad, words):
 def test_norm_bound_relative_to_the_round_median():
     honest = [_adapter(1.0 + 0.1 * i) for i in range(9)]
     scaled = _adapter(100.0)
-    reasons, bound = screen(honest + [scaled], [START] * 10, [SPEC] * 10, norm_bound_factor=10.0)
+    reasons, bound, _ = screen(honest + [scaled], [START] * 10, [SPEC] * 10, list(range(10)), norm_bound_factor=10.0)
     norms = sorted(update_norm(s, START) for s in honest + [scaled])
     assert bound == pytest.approx(10.0 * norms[4])          # lower median of 10: the 5th smallest
     assert reasons[:9] == [None] * 9
     assert "exceeds the bound" in reasons[9]
     # a looser factor lets it through; an absolute bound overrides the factor
-    assert screen(honest + [scaled], [START] * 10, [SPEC] * 10, norm_bound_factor=1000.0)[0][9] is None
-    reasons, bound = screen(honest, [START] * 9, [SPEC] * 9, norm_bound=update_norm(honest[4], START))
+    assert screen(honest + [scaled], [START] * 10, [SPEC] * 10, list(range(10)), norm_bound_factor=1000.0)[0][9] is None
+    reasons, bound, _ = screen(honest, [START] * 9, [SPEC] * 9, list(range(9)), norm_bound=update_norm(honest[4], START))
     assert bound == pytest.approx(update_norm(honest[4], START))
     assert reasons[:5] == [None] * 5 and all(r and "norm_bound" in r for r in reasons[5:])
 
 
 def test_half_scaled_updates_are_still_rejected():
     subs = [_adapter(1.0), _adapter(1.1), _adapter(100.0), _adapter(120.0)]
-    reasons, bound = screen(subs, [START] * 4, [SPEC] * 4)
+    reasons, bound, _ = screen(subs, [START] * 4, [SPEC] * 4, [0, 1, 2, 3])
     assert bound == pytest.approx(10.0 * update_norm(subs[1], START))
     assert reasons[:2] == [None, None] and reasons[2] and reasons[3]
 
@@ -246,16 +246,42 @@ def test_half_scaled_updates_are_still_rejected():
 def test_broken_submissions_do_not_move_the_median_bound():
     # bound from the valid, finite ones only: NaN and wrong-shape submissions neither count nor crash
     subs = [_adapter(1.0), _adapter(1.0), corrupt(_adapter(), "nan", None), corrupt(_adapter(), "shape", None)]
-    reasons, bound = screen(subs, [START] * 4, [SPEC] * 4)
+    reasons, bound, _ = screen(subs, [START] * 4, [SPEC] * 4, [0, 1, 2, 3])
     assert reasons[0] is None and reasons[1] is None
     assert bound == pytest.approx(10.0 * update_norm(_adapter(1.0), START))
+
+
+def test_one_client_with_most_adapters_does_not_outvote_the_others():
+    # client 0 sends 4 adapters x100, clients 1-3 one honest adapter each: counted per adapter, the lower
+    # median (4th of 7) would be an attacker's norm and let all four through; counted per client it is honest
+    subs = [_adapter(100.0)] * 4 + [_adapter(1.0), _adapter(1.1), _adapter(1.2)]
+    clients = [0, 0, 0, 0, 1, 2, 3]
+    reasons, bound, reference = screen(subs, [START] * 7, [SPEC] * 7, clients)
+    assert reference == pytest.approx(update_norm(_adapter(1.1), START))  # votes: x100, 1.0, 1.1, 1.2 -> 2nd
+    assert bound == pytest.approx(10.0 * reference)
+    assert all("over clients" in r for r in reasons[:4]) and reasons[4:] == [None] * 3
+
+
+def test_a_lone_client_does_not_set_its_own_bound():
+    scaled = [_adapter(100.0)] * 3
+    # later rounds: the previous accepted round's reference
+    reasons, bound, reference = screen(scaled, [START] * 3, [SPEC] * 3, [0, 0, 0], previous=0.5)
+    assert reference == 0.5 and bound == pytest.approx(5.0)
+    assert all("previous round" in r for r in reasons)
+    # round 1: the norm of the adapter it was sent; an honest update well inside it passes
+    start = _adapter(1.0)
+    moved = {k: v + 0.01 for k, v in start.items()}
+    x100 = {k: 100.0 * v for k, v in moved.items()}
+    reasons, bound, reference = screen([moved, x100], [start, start], [SPEC, SPEC], [0, 0])
+    assert bound == pytest.approx(10.0 * state_norm(start))
+    assert reasons[0] is None and "adapter sent" in reasons[1]
 
 
 @pytest.mark.parametrize("kind", faults.CORRUPT_KINDS)
 def test_every_corruption_is_rejected(kind):
     honest = [_adapter(0.1 + 0.005 * i) for i in range(5)]
     bad = corrupt(_adapter(), kind, np.random.default_rng(0), scale=100.0, noise_std=1.0)
-    reasons, _ = screen(honest + [bad], [START] * 6, [SPEC] * 6)
+    reasons, _, _ = screen(honest + [bad], [START] * 6, [SPEC] * 6, list(range(6)))
     assert reasons[:5] == [None] * 5
     assert reasons[5] is not None
 

@@ -27,11 +27,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fltac.config import ConfigError, RunConfig
-from fltac.eval.report import LABELS, Run, build_report, clustering_by_round, load_run, render_markdown
+
+if TYPE_CHECKING:  # the report module loads torch: imported where used, so a config error answers at once
+    from fltac.eval.report import Run
 
 CSV_HEAD = ["method", "quantity", "mean", "std", "n_seeds", "seeds", "values"]
 
@@ -69,6 +72,8 @@ def run_pairs(configs: dict[tuple[str, int], RunConfig], quiet: bool = False) ->
 def quantities(run: Run) -> dict[str, float]:
     """The compared figures of one run: ``{metric}/{task}``, ``{metric}/mean``, ``clustering_accuracy/round_{r}``
     (clustering methods only), ``uplink_bytes``, ``wall_seconds``."""
+    from fltac.eval.report import clustering_by_round
+
     s, metric = run.summary, run.metric
     values = {f"{metric}/{task}": s[f"per_task_{metric}"][task] for task in run.tasks}
     values[f"{metric}/mean"] = s[f"mean_{metric}"]
@@ -110,6 +115,8 @@ def cell(values: list[float], spec: str, scale: float = 1.0) -> str:
 def blocks(figures: dict[str, dict[str, list[float]]], runs: dict[tuple[str, int], Run], seeds: list[int],
            command: str) -> list[tuple]:
     """The document, as :func:`fltac.eval.report.render_markdown` blocks."""
+    from fltac.eval.report import LABELS
+
     first = next(iter(runs.values()))
     metric, tasks = first.metric, first.tasks
     what = f"test {LABELS[metric]}" + (" (lower is better)" if metric == "lm_loss" else "")
@@ -151,6 +158,8 @@ def blocks(figures: dict[str, dict[str, list[float]]], runs: dict[tuple[str, int
 def compare(configs: dict[tuple[str, int], RunConfig], out: str | Path, command: str, quiet: bool = False) -> Path:
     """Run every ``(method, seed)`` config (resumably), then write comparison.md, comparison.csv and the
     report's plots into ``out``; return comparison.md."""
+    from fltac.eval.report import build_report, load_run, render_markdown
+
     out = Path(out)
     run_pairs(configs, quiet)
     runs = {pair: load_run(cfg.output_dir) for pair, cfg in configs.items()}

@@ -8,6 +8,7 @@ prints, so the table a user inspects is the split ``fltac run`` trains on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ def build_partition(cfg: RunConfig, tasks: list[Task]) -> list[list[np.ndarray]]
     if p.kind == "label_skew":  # Dir(alpha) per class of each task (HAFL's 20 Newsgroups scenario)
         parts = partition_all_label_skew([t.train_labels for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
     else:
-        parts = partition_all([len(t.train_texts) for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed)
+        parts = partition_all([len(t.train_texts) for t in tasks], p.n_clients, p.alpha, p.min_frac, cfg.seed,
+                              iid=p.kind == "iid")
     client_of = owner_clients([t.train_owners for t in tasks], [t.name for t in tasks], p.n_clients)
     for i, task in enumerate(tasks):
         if task.train_owners is not None:
@@ -67,7 +69,7 @@ def build_model(cfg: RunConfig, space: LabelSpace):
     threads = set_threads(cfg.num_threads)
     device = default_device()
     dtype, dtype_note = choose_dtype(cfg.dtype, device)
-    if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (README, "SA-FedLoRA")
+    if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (docs/safedlora.md)
         dtype, dtype_note = torch.float32, f"float32 (method {cfg.method} trains the backbone; {dtype_note})"
     attn = choose_attention(cfg.attn_implementation, dtype, device)
     causal_lm = modality_of(cfg.data) == "causal_lm"
@@ -106,7 +108,14 @@ def build_rows(cfg: RunConfig, tokenizer, tasks: list[Task], space: LabelSpace, 
         from fltac.data.chat import build_lm_store
 
         return build_lm_store(tokenizer, tasks, cfg.data.max_length, split, rows_per_task)
-    return build_store(tokenizer, tasks, space, cfg.data.max_length, split, rows_per_task)
+    return build_store(tokenizer, tasks, space, cfg.data.max_length, split, rows_per_task, token_cache_folder(cfg))
+
+
+def token_cache_folder(cfg: RunConfig) -> Path | None:
+    """Where tokenised texts are cached (``data.token_cache``), or None."""
+    from fltac.data.vision import cache_root
+
+    return cache_root(cfg.data.cache_dir) / "tokens" if cfg.data.token_cache else None
 
 
 def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None, train_rows: dict | None = None) -> Experiment:

@@ -144,7 +144,7 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     cfg = read_run_config(run_dir)
     if cfg.method in ("safedlora", "fedavg_full"):  # a trained backbone / an SVD adapter: not a peft LoRA folder
         raise ExportError(f"{run_dir} is a {cfg.method} run: export writes peft LoRA adapters and does not support "
-                          f"it yet; its global model is in {run_dir / 'checkpoint'} (see the README, SA-FedLoRA)")
+                          f"it yet; its global model is in {run_dir / 'checkpoint'} (see docs/safedlora.md)")
     rounds = run_rounds(run_dir)
     if not rounds:
         raise ExportError(f"{run_dir} holds no adapters/round_<t>.safetensors: has the run finished a round?")

@@ -40,7 +40,8 @@ def lora_modules(keys) -> list[str]:
 def component_scores(entry_scores: dict[str, torch.Tensor], reduce: str = "sum") -> dict[str, torch.Tensor]:
     """Per module, the score of each rank-1 component from per-entry scores of its ``lora_A`` / ``lora_B``.
 
-    ``sum``: ``S_i = sum_j s(B_ji) + sum_j s(A_ij)``; ``mean``: the same with means (methods.md's reading).
+    ``sum``: ``S_i = sum_j s(B_ji) + sum_j s(A_ij)``; ``mean``: the same with means
+    (the reconstructed alternative, docs/hafl.md).
     """
     red = torch.sum if reduce == "sum" else torch.mean
     return {m: red(entry_scores[m + B_SUFFIX], dim=0) + red(entry_scores[m + A_SUFFIX], dim=1)

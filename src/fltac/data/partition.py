@@ -8,7 +8,8 @@ clients with the largest fractional parts among those with ``p_k > 0``: a client
 receives exactly zero rows, and the counts add up to ``n``.
 
 A task whose data names its owners (a custom task's ``client_column``) is not split this way: its
-rows go to their owner's client (:func:`owner_clients`, :func:`partition_by_owner`).
+rows go to their owner's client (:func:`owner_clients`, :func:`partition_by_owner`). ``partition.kind: iid``
+gives every client the same share 1/n_clients (the same permutation and counting rule, no draw).
 """
 
 from __future__ import annotations
@@ -37,19 +38,22 @@ def dirichlet_shares(rng: np.random.Generator, n_clients: int, alpha: float, min
     return shares / shares.sum()
 
 
-def partition_task(n_rows: int, n_clients: int, alpha: float, min_frac: float, seed: int) -> list[np.ndarray]:
-    """Row indices of one task for each client."""
+def partition_task(n_rows: int, n_clients: int, alpha: float, min_frac: float, seed: int,
+                   iid: bool = False) -> list[np.ndarray]:
+    """Row indices of one task for each client; ``iid``: equal shares 1/n_clients instead of the Dirichlet draw."""
     rng = np.random.default_rng(seed)
-    shares = dirichlet_shares(rng, n_clients, alpha, min_frac)
+    shares = np.full(n_clients, 1.0 / n_clients) if iid else dirichlet_shares(rng, n_clients, alpha, min_frac)
     counts = client_counts(shares, n_rows)
     perm = rng.permutation(n_rows)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     return [np.sort(perm[bounds[k]:bounds[k + 1]]) for k in range(n_clients)]
 
 
-def partition_all(task_sizes: list[int], n_clients: int, alpha: float, min_frac: float, seed: int) -> list[list[np.ndarray]]:
-    """``parts[t][k]``: the training rows of task ``t`` held by client ``k`` (task ``t`` seeded with ``seed + t``)."""
-    return [partition_task(n, n_clients, alpha, min_frac, seed + t) for t, n in enumerate(task_sizes)]
+def partition_all(task_sizes: list[int], n_clients: int, alpha: float, min_frac: float, seed: int,
+                  iid: bool = False) -> list[list[np.ndarray]]:
+    """``parts[t][k]``: the training rows of task ``t`` held by client ``k`` (task ``t`` seeded with ``seed + t``;
+    ``iid``: ``partition.kind: iid``, equal shares)."""
+    return [partition_task(n, n_clients, alpha, min_frac, seed + t, iid) for t, n in enumerate(task_sizes)]
 
 
 def partition_label_skew(labels: np.ndarray, n_clients: int, alpha: float, min_frac: float,

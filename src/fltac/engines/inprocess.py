@@ -211,6 +211,7 @@ class InProcessEngine:
         self.quiet = quiet
         self.sinks = tuple(log)  # extra metric streams ('tensorboard'); metrics.jsonl is always written
         self.tb = None
+        self.norm_reference: float | None = None  # the last accepted round's reference update norm (screening)
 
     def progress(self, label: str, total: int) -> Progress:
         return Progress(label, total, enabled=not self.quiet)
@@ -277,7 +278,7 @@ class InProcessEngine:
                  f"{len(exp.jobs)} adapters trained per round, rank {cfg.rank}")
         self.log(f"[fltac] dtype {exp.dtype_note}; attention {exp.attn}; {exp.threads} threads; CPU {cpu_model()}")
         counters = {"metrics_lines": 0, "cluster_lines": 0, "uplink_bytes": 0, "downlink_bytes": 0,
-                    "wall_seconds": 0.0, "train_tokens": 0, "last_eval": None, "dropped": 0}
+                    "wall_seconds": 0.0, "train_tokens": 0, "last_eval": None, "dropped": 0, "norm_reference": None}
         start_round = 1
         if ckpt is not None:
             problem = slots_problem(ckpt["tensors"], spec_of(exp.strategy.initial), exp.strategy.n_slots)
@@ -286,6 +287,7 @@ class InProcessEngine:
             exp.strategy.load_state_dict(ckpt["tensors"], ckpt["strategy"])
             rng.restore(ckpt.get("rng", {}), ckpt["tensors"])
             counters = {k: ckpt.get(k, v) for k, v in counters.items()}
+            self.norm_reference = counters["norm_reference"]
             io.truncate_jsonl(self.out / METRICS, counters["metrics_lines"])
             io.truncate_jsonl(self.out / CLUSTERS, counters["cluster_lines"])
             start_round = ckpt["round"] + 1
@@ -320,6 +322,7 @@ class InProcessEngine:
             counters["downlink_bytes"] += round_info["downlink_bytes"]
             counters["train_tokens"] += round_info["train_tokens"]
             counters["dropped"] += round_info["dropped"]
+            counters["norm_reference"] = self.norm_reference
             counters["wall_seconds"] += seconds + (setup_seconds if r == start_round else 0.0)
             tensors, _ = exp.strategy.state_dict()
             io.save_tensors(self.out / "adapters" / f"round_{r}.safetensors", tensors)
@@ -410,21 +413,25 @@ class InProcessEngine:
         """The submissions the strategy may see, and the round's update-norm bound (None when not validating).
 
         With ``reliability.validate``, each submission must pass :func:`fltac.server.robust.screen` (and
-        its extras be finite); a rejected one is a dropped client, logged with its reason. Stops the run
+        its extras be finite); a rejected one is a dropped client, logged with its reason. The last
+        accepted round's reference norm (``self.norm_reference``, kept in the checkpoint) is the bound's
+        fallback for a round in which a single client votes. Stops the run
         (:class:`TooFewClients`) when fewer clients than required have an accepted submission left.
         """
         rel = self.cfg.reliability
         accepted, bound = received, None
         if rel.validate and received:
-            reasons, bound = screen([s.state for s in received], [s.start for s in received],
-                                    [expected[(s.client, s.key)] for s in received], rel.norm_bound_factor,
-                                    rel.norm_bound)
+            reasons, bound, reference = screen(
+                [s.state for s in received], [s.start for s in received], [expected[(s.client, s.key)] for s in received],
+                [s.client for s in received], rel.norm_bound_factor, rel.norm_bound, self.norm_reference)
             reasons = [why or (f"extras {finite_problem(s.extras)}" if finite_problem(s.extras) else None)
                        for why, s in zip(reasons, received)]
             metrics.extend({"phase": "dropped", "round": r, "client": s.client, "key": s.key, "kind": "invalid",
                             "reason": f"invalid: {why}"} for s, why in zip(received, reasons) if why)
             accepted = [s for s, why in zip(received, reasons) if why is None]
             bound = bound if np.isfinite(bound) else None
+            if accepted and reference is not None and np.isfinite(reference):
+                self.norm_reference = reference  # the next round's fallback (robust.norm_reference)
         survivors = {s.client for s in accepted}
         need = required_clients(rel, n_sampled)
         if len(survivors) < need:

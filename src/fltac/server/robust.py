@@ -71,6 +71,11 @@ def update_norm(state: State, start: State) -> float:
     return math.sqrt(sum(float(((state[k].double() - start[k].double()) ** 2).sum()) for k in state))
 
 
+def state_norm(state: State) -> float:
+    """||s||_2 over all tensors together, in float64."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in state.values()))
+
+
 def clip_update(state: State, start: State, max_norm: float) -> State:
     """s0 + u * min(1, max_norm / ||u||) with u = s - s0: the update scaled down to norm ``max_norm``
     (norm clipping as in DP-FedAvg, McMahan et al., arXiv 1710.06963); shorter updates are unchanged."""
@@ -152,41 +157,77 @@ def finite_problem(state: State) -> str | None:
     return None
 
 
-def norm_bounds(norms: list[float], factor: float, absolute: float | None) -> float:
-    """The update-norm bound of a round: ``absolute`` if given, else factor x the lower median of
-    ``norms``, x_(ceil(n/2)) of the n norms sorted (the median for odd n, the smaller middle value for
-    even n). The lower median comes from an honest update as long as at most half of them are too
-    long, so a round with exactly half scaled-up updates still rejects them (the mean of the two
-    middle values would not)."""
-    if absolute is not None:
-        return float(absolute)
-    if not norms:
-        return math.inf
-    x = sorted(norms)
-    return factor * x[(len(x) - 1) // 2]
+def lower_median(values: list[float]) -> float:
+    """x_(ceil(n/2)) of the n values sorted: the median for odd n, the smaller middle value for even n."""
+    x = sorted(values)
+    return x[(len(x) - 1) // 2]
 
 
-def screen(states: list[State], starts: list[State], specs: list[Spec], norm_bound_factor: float = 10.0,
-           norm_bound: float | None = None) -> tuple[list[str | None], float]:
-    """Check a round's submissions; (one reason string per submission, None when accepted; the norm bound).
+def client_votes(norms: list[float], clients: list[int]) -> dict[int, float]:
+    """One vote per client: the lower median of the update norms of its submissions.
+
+    A client's adapters share one vote, so a client that sends many adapters (FL-TAC: one per task it
+    holds) weighs no more in the bound than one that sends a single adapter.
+    """
+    per: dict[int, list[float]] = {}
+    for norm, client in zip(norms, clients):
+        per.setdefault(client, []).append(norm)
+    return {c: lower_median(v) for c, v in per.items()}
+
+
+def norm_reference(votes: dict[int, float], previous: float | None, start_norms: list[float]) -> tuple[float, str]:
+    """(the round's reference update norm, how it was found); the bound is ``norm_bound_factor`` x it.
+
+    - Two or more clients voted: the lower median of their votes (:func:`client_votes`). Clients
+      that send too-long updates move it only when they are at least half of the round's clients
+      (for an even count the smaller middle vote wins), however many adapters each sends.
+    - One client voted: it would set its own bound, so the previous accepted round's reference is
+      used (``previous``); in the first round, with no previous one, the lower median of the norms
+      ||s0|| of the adapters it was sent (the served adapter: an update x factor longer than the
+      adapter it started from is no fine-tuning step; an x100 scaling of it is about 99 ||s0||);
+      with an all-zero adapter sent there is nothing to compare with, and no relative bound.
+    """
+    if len(votes) >= 2:
+        return lower_median(list(votes.values())), "the round's lower median over clients"
+    if previous is not None:
+        return previous, "the previous round's reference (one client voted)"
+    if lower_median(start_norms) > 0:
+        return lower_median(start_norms), "the norm of the adapter sent (one client voted, no previous round)"
+    return math.inf, "nothing to compare with (one client, no previous round, an all-zero adapter sent)"
+
+
+def screen(states: list[State], starts: list[State], specs: list[Spec], clients: list[int],
+           norm_bound_factor: float = 10.0, norm_bound: float | None = None,
+           previous: float | None = None) -> tuple[list[str | None], float, float | None]:
+    """Check a round's submissions: (one reason per submission, None when accepted; the norm bound;
+    the reference norm the relative bound came from, None with an absolute ``norm_bound``).
 
     In order, a submission is rejected for: a wrong layout (:func:`structure_problem` against its own
     expected spec, which carries the method and the client's rank), non-finite values
-    (:func:`finite_problem`), or an update norm ||s_i - s0_i|| above the bound. The bound is
-    ``norm_bound`` if set, else ``norm_bound_factor`` x the lower median update norm of the
-    submissions that passed the first two checks (:func:`norm_bounds`), so up to half of them may
-    be arbitrarily long without loosening it.
+    (:func:`finite_problem`), or an update norm ||s_i - s0_i|| above the bound. ``clients[i]`` is the
+    client that sent submission i. The bound is ``norm_bound`` if set, else ``norm_bound_factor`` x
+    :func:`norm_reference` of the submissions that passed the first two checks: one vote per client,
+    so fewer than half of the clients cannot loosen it whatever they send, and a round with a
+    single client takes ``previous`` (the last accepted round's reference) instead of its own.
     """
     reasons: list[str | None] = []
     for s, spec in zip(states, specs):
         reasons.append(structure_problem(s, spec) or finite_problem(s))
-    norms = {i: update_norm(states[i], starts[i]) for i, r in enumerate(reasons) if r is None}
-    bound = norm_bounds(list(norms.values()), norm_bound_factor, norm_bound)
+    ok = [i for i, r in enumerate(reasons) if r is None]
+    if not ok:
+        return reasons, math.inf, None
+    norms = {i: update_norm(states[i], starts[i]) for i in ok}
+    if norm_bound is not None:
+        bound, reference, how = float(norm_bound), None, "norm_bound"
+    else:
+        votes = client_votes([norms[i] for i in ok], [clients[i] for i in ok])
+        start_norms = [state_norm(starts[i]) for i in ok] if len(votes) < 2 and previous is None else []
+        reference, what = norm_reference(votes, previous, start_norms)
+        bound, how = norm_bound_factor * reference, f"{norm_bound_factor:g} x {what}"
     for i, norm in norms.items():
         if not norm <= bound:
-            how = "norm_bound" if norm_bound is not None else f"{norm_bound_factor:g} x the round's lower median"
             reasons[i] = f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({how})"
-    return reasons, bound
+    return reasons, bound, reference
 
 
 # ---- adapter files -----------------------------------------------------------------------------------

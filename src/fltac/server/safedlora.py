@@ -1,7 +1,7 @@
 """SA-FedLoRA (Yang et al., "SA-FedLoRA", arXiv 2405.09394) and FedAvg of full fine-tuning.
 
 The paper gives the two stages and their purpose, not every formula; the readings below follow
-the project's method notes (SA-FedLoRA section; README, "SA-FedLoRA") and are marked *reconstructed*; each is a config option
+the most faithful reading of the paper (docs/safedlora.md) and are marked *reconstructed*; each is a config option
 (section ``safedlora``).
 
 **Initiating stage** (rounds 1..``init_rounds``). Clients minimise L_k(w) + mu/2 ||w - w_g||^2
