@@ -1,5 +1,5 @@
 """``fltac compare`` on the tiny BERT and the two CSV tasks (tests/conftest.py): the tables, the skip of finished
-pairs, and runs bit-identical to separate ``fltac run`` calls although they share the tokenised rows; a causal
+pairs, and runs bit-identical to separate ``fltac run`` calls although they share the loaded tasks; a causal
 LM (tests/test_chat.py's tiny Llama) compared on its LM loss."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def test_a_changed_config_in_the_same_folder_stops_with_one_line(compared, capsy
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_compared_run_equals_a_separate_run(compared, tiny_yaml, tmp_path, method):
-    """The pair's run (which reused the tasks and tokenised rows of the call's earlier runs) and a lone run."""
+    """The pair's run (which reused the tasks the call's first run loaded) and a lone run."""
     out, _ = compared
     seed = SEEDS[-1]
     alone = run(load_config(tiny_yaml, {"method": method, "seed": seed, "partition.alpha": 0.7,

@@ -8,12 +8,13 @@ Each pair runs through the in-process engine, as ``fltac run`` does, into ``OUT/
 pair's config, stops with an error if they differ, else returns the summary it wrote), an interrupted one
 continues after its last checkpointed round, a missing one starts.
 
-Shared across the runs of one call: the loaded tasks and their tokenised training rows (built once per
-backbone and data config; :func:`fltac.experiment.build_experiment`). Not shared: the backbone. A run's
-model is a function of its seed (the new head is drawn inside ``from_pretrained`` and LoRA's A inside peft,
-both from torch's global generator) and of its method (dtype, staged backbone), so a reused model would
-have to replay those libraries' draws to stay bit-identical to a lone ``fltac run``; building it costs about
-half a second (MiniLM), against seconds of tokenising and minutes of training, so each run builds its own.
+Shared across the runs of one call: the loaded tasks (the engine's ``tasks=``). The tokenised rows are
+shared through ``data.token_cache`` (on by default: a run after the first reads them from disk, about 0.6 s
+for text5 instead of 13 s). Not shared: the backbone. A run's model is a function of its seed (the new head
+is drawn inside ``from_pretrained`` and LoRA's A inside peft, both from torch's global generator) and of its
+method (dtype, staged backbone), so a reused model would have to replay those libraries' draws to stay
+bit-identical to a lone ``fltac run``; building it costs about half a second (MiniLM) against minutes of
+training, so each run builds its own.
 
 Writes ``OUT/comparison.md``, ``OUT/comparison.csv`` and ``fltac report``'s report.md, report.html and plots
 of all the runs (:func:`fltac.eval.report.build_report`). The spread is the sample standard deviation
@@ -51,11 +52,11 @@ def check_distinct(name: str, values: list) -> None:
 
 
 def run_pairs(configs: dict[tuple[str, int], RunConfig], quiet: bool = False) -> None:
-    """Run, resume or skip (finished) each pair's run, loading the tasks once and tokenising them once."""
+    """Run, resume or skip (finished) each pair's run, loading the tasks once."""
     from fltac.data import load_tasks
     from fltac.engines.inprocess import RunError, run
 
-    tasks, train_rows = None, {}
+    tasks = None
     for i, ((method, seed), cfg) in enumerate(configs.items(), 1):
         out = Path(cfg.output_dir)
         if not quiet:
@@ -63,7 +64,7 @@ def run_pairs(configs: dict[tuple[str, int], RunConfig], quiet: bool = False) ->
         if tasks is None and not (out / "summary.json").is_file():
             tasks = load_tasks(cfg.data)
         try:
-            run(cfg, resume=out.exists(), tasks=tasks, quiet=quiet, train_rows=train_rows)
+            run(cfg, resume=out.exists(), tasks=tasks, quiet=quiet)
         except RunError as exc:
             raise ConfigError(f"{exc} (pair {method}, seed {seed}: choose another --out for a different config)") \
                 from None
@@ -139,8 +140,8 @@ def blocks(figures: dict[str, dict[str, list[float]]], runs: dict[tuple[str, int
              [[m, cell(per["uplink_bytes"], ".3f", 1e6), cell(per["wall_seconds"], ".1f")] for m, per in figures.items()]),
             ("p", f"CPU: {first.summary.get('cpu', '?')}; load average when this table was written: "
                   f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min). Wall time includes setup; the runs "
-                  "of one call share the loaded and tokenised data, so only the first run to need them pays for "
-                  "tokenising."),
+                  "of one call share the loaded tasks, and with data.token_cache only the first run of a data "
+                  "config pays for tokenising."),
             ("h2", "Per seed"),
             ("table", ["method", "seed", f"mean {metric}", "final clustering accuracy", "wall time (s)"],
              [[m, str(seed), f"{r.summary[f'mean_{metric}']:.4f}",

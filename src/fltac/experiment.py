@@ -118,20 +118,13 @@ def token_cache_folder(cfg: RunConfig) -> Path | None:
     return cache_root(cfg.data.cache_dir) / "tokens" if cfg.data.token_cache else None
 
 
-def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None, train_rows: dict | None = None) -> Experiment:
-    """The run's experiment. ``tasks``: the tasks of ``cfg.data``, when already loaded in this process.
-    ``train_rows``: a dict the caller keeps across runs on the same ``tasks`` (``fltac compare``): the tokenised
-    training rows depend only on the backbone's tokenizer and the data config, so they are built once per
-    (model_name, data config) and then shared, read-only, by every run; None: tokenised for this run alone."""
+def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experiment:
     tasks = tasks if tasks is not None else load_tasks(cfg.data)
     space = LabelSpace.of(tasks)
     parts = build_partition(cfg, tasks)
     model, initial, tokenizer, dtype_note, attn, threads = build_model(cfg, space)
 
-    cache, key = train_rows if train_rows is not None else {}, (cfg.model_name, repr(cfg.data))
-    if key not in cache:
-        cache[key] = build_rows(cfg, tokenizer, tasks, space, "train")
-    train_store, train_index = cache[key]
+    train_store, train_index = build_rows(cfg, tokenizer, tasks, space, "train")
     client_rows = [[train_index[t][parts[t][k]] for t in range(len(tasks))] for k in range(cfg.partition.n_clients)]
     jobs = plan_jobs(cfg.method, client_rows, cfg.train.local_steps)
 

@@ -199,15 +199,12 @@ def check_enough_sampled(rel, n_sampled: int) -> None:
 
 class InProcessEngine:
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
-                 log: tuple[str, ...] = (), train_rows: dict | None = None):
-        """``tasks``, ``train_rows``: loaded tasks and a cache of their tokenised training rows, shared by the runs
-        of one process (see :func:`fltac.experiment.build_experiment`)."""
+                 log: tuple[str, ...] = ()):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.resume = resume
         self.overwrite = overwrite
         self.tasks = tasks
-        self.train_rows = train_rows
         self.quiet = quiet
         self.sinks = tuple(log)  # extra metric streams ('tensorboard'); metrics.jsonl is always written
         self.tb = None
@@ -273,7 +270,7 @@ class InProcessEngine:
             self.log(f"[fltac] run in {self.out} already finished ({ckpt['round']} rounds); nothing to do")
             return io.read_json(self.out / "summary.json")
         t_start = time.perf_counter()
-        exp = build_experiment(cfg, self.tasks, self.train_rows)
+        exp = build_experiment(cfg, self.tasks)
         self.log(f"[fltac] method {cfg.method}, {len(exp.tasks)} tasks, {cfg.partition.n_clients} clients, "
                  f"{len(exp.jobs)} adapters trained per round, rank {cfg.rank}")
         self.log(f"[fltac] dtype {exp.dtype_note}; attention {exp.attn}; {exp.threads} threads; CPU {cpu_model()}")
@@ -594,6 +591,5 @@ def format_table(summary: dict) -> str:
 
 
 def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
-        log: tuple[str, ...] = (), train_rows: dict | None = None) -> dict:
-    return InProcessEngine(cfg, resume=resume, overwrite=overwrite, tasks=tasks, quiet=quiet, log=log,
-                           train_rows=train_rows).run()
+        log: tuple[str, ...] = ()) -> dict:
+    return InProcessEngine(cfg, resume=resume, overwrite=overwrite, tasks=tasks, quiet=quiet, log=log).run()
