@@ -149,3 +149,58 @@ def test_help_and_config_errors_import_no_heavy_library(argv, code):
     rc, modules = _imported(argv)
     assert rc == code
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+# ---- progress: the ETA counts adapter steps, which advance with every shared pass -------------------------
+
+class RecordingProgress:
+    """A :class:`fltac.eval.progress.Progress` that keeps ``(done, total, line)`` after every step."""
+
+    def __init__(self, label: str, total: int):
+        import io
+
+        from fltac.eval.progress import Progress
+
+        self.bar = Progress(label, total, stream=io.StringIO(), interval=0.0)
+        self.seen: list[tuple[int, int, str]] = []
+
+    def step(self, n: int = 1, note: str = "") -> None:
+        self.bar.step(n, note)
+        self.seen.append((self.bar.done, self.bar.total, self.bar.line(note)))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@pytest.mark.parametrize("adapters_per_pass", [64, 1])
+def test_training_progress_advances_with_every_step_shared_or_not(tiny_bert, csv_scenario, tmp_path, monkeypatch,
+                                                                  adapters_per_pass):
+    from conftest import tiny_config_overrides
+
+    from fltac.config import load_config
+    from fltac.engines.inprocess import InProcessEngine
+    from fltac.experiment import build_experiment
+
+    bars: dict[str, RecordingProgress] = {}
+
+    def progress(self, label, total):
+        bars[label] = RecordingProgress(label, total)
+        return bars[label]
+
+    monkeypatch.setattr(InProcessEngine, "progress", progress)
+    cfg = load_config(None, {**tiny_config_overrides(tiny_bert, tmp_path / "run"), "method": "fltac",
+                             "data.scenario": "custom", "data.custom_tasks": csv_scenario["tasks"],
+                             "train.rounds": 1, "train.local_steps": 3, "train.adapters_per_pass": adapters_per_pass})
+    exp = build_experiment(cfg)
+    InProcessEngine(cfg).run()
+    steps = [j.steps for j in exp.jobs]
+    bar = bars["round 1/1: adapter steps trained"]
+    done = [d for d, _, _ in bar.seen]
+    assert bar.bar.total == sum(steps) and done[-1] == sum(steps)
+    increments = [b - a for a, b in zip([0, *done], done)]
+    if adapters_per_pass > 1:  # every adapter in one pass: each shared step advances all of them together
+        assert len(exp.jobs) > 1 and increments == [len(exp.jobs)] * 3
+    else:                      # one adapter at a time: one step each
+        assert increments == [1] * sum(steps)
+    # the first line already reports a share of the work done, so its estimate extrapolates from real work
+    assert done[0] < sum(steps) and f"{done[0]}/{sum(steps)}," in bar.seen[0][2] and "ETA" in bar.seen[0][2]

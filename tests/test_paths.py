@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,10 @@ PATTERN_CHARS = "*{<["
 
 
 def documentation() -> list[Path]:
-    """README, the docs pages, the configs and the scripts: every text a reader follows paths from."""
+    """README, docs pages, configs, scripts and the package source: every text a reader follows paths from."""
     files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    for folder, patterns in (("configs", ("*.yaml",)), ("scripts", ("*.py", "*.sh")), ("benchmarks", ("*.py",))):
+    for folder, patterns in (("configs", ("*.yaml",)), ("scripts", ("*.py", "*.sh")), ("benchmarks", ("*.py",)),
+                             ("src/fltac", ("**/*.py",)), ("flower_app", ("**/*.py",))):
         for pattern in patterns:
             files.extend(sorted((ROOT / folder).glob(pattern)))
     files.extend([ROOT / "pyproject.toml", ROOT / "flower_app" / "pyproject.toml", ROOT / ".ci" / "run"])
@@ -174,3 +176,27 @@ def test_the_generator_runs_as_a_script():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+def documented_errors() -> list[tuple[str, str, str]]:
+    """(page, command, error line) for every ``$ fltac ...`` line followed by a ``fltac: error:`` line."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines = page.read_text().splitlines()
+        for command, answer in zip(lines, lines[1:]):
+            if command.startswith("$ fltac ") and answer.startswith("fltac: error: "):
+                found.append((page.name, command, answer))
+    return found
+
+
+@pytest.mark.parametrize("page, command, answer", documented_errors())
+def test_documented_error_messages_are_what_the_cli_prints(page, command, answer, monkeypatch, capsys):
+    from fltac.cli import main
+
+    monkeypatch.chdir(ROOT)  # the documented commands run from the repository root
+    assert main(shlex.split(command)[2:]) == 2
+    assert capsys.readouterr().err.strip() == answer
+
+
+def test_the_readme_documents_a_config_error():
+    assert any(page == "README.md" for page, _, _ in documented_errors())

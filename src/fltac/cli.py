@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 
-from fltac import __version__
+import fltac
 from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback. Named by module, so that
@@ -88,8 +89,11 @@ def config_from_args(args: argparse.Namespace, fixed: dict | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fltac", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"fltac {__version__}")
+    parser = argparse.ArgumentParser(prog="fltac", description=fltac.__doc__,
+                                     epilog="'fltac COMMAND --help' lists a command's options, with each config "
+                                            "flag's help, default and choices; every config key: "
+                                            "docs/configuration.md")
+    parser.add_argument("--version", action="version", version=f"fltac {fltac.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated (or centralized) fine-tuning job",
@@ -128,14 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "interrupted one resumes), then comparison.md, comparison.csv and report.md here")
     cmp.add_argument("--quiet", action="store_true", help="no progress lines")
 
-    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json)")
+    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json, and a "
+                                        "README.md on using them)")
     exp.add_argument("run_dir", metavar="RUN_DIR")
     exp.add_argument("--out", "--output_dir", dest="out", metavar="DIR", required=True,
                      help="one sub-folder per task (FL-TAC) or 'fedit'")
     exp.add_argument("--round", type=int, metavar="N", help="the adapters after round N (default: the last)")
 
-    pred = sub.add_parser("predict", help="print the label an exported adapter predicts for each text")
-    pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred = sub.add_parser("predict", help="print the label (and its probability) an exported adapter predicts for "
+                                          "each text")
+    pred.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify (longer ones are cut to the "
+                                                               "run's max_length tokens, as in training)")
+    pred.add_argument("--json", action="store_true",
+                      help="one JSON object per line and text: {text, tasks: {task: {label, probability, "
+                           "probabilities}}}")
     pred.add_argument("--adapter", metavar="DIR", required=True, help="a folder written by fltac export")
     pred.add_argument("--task", help="only this task (a FedIT export serves every task)")
     pred.add_argument("--model", metavar="PATH", help="the backbone, if not where labels.json says")
@@ -242,12 +252,17 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from fltac.export import predict
 
-    for text, labels in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
-        if len(labels) == 1:
-            print(next(iter(labels.values())))
-        else:
-            print("\t".join(f"{task}: {label}" for task, label in labels.items()))
+    for text, tasks in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
+        print(json.dumps({"text": text, "tasks": tasks}, ensure_ascii=False) if args.json
+              else prediction_line(text, tasks))
     return 0
+
+
+def prediction_line(text: str, tasks: dict) -> str:
+    """``reviews: positive (0.934)<TAB>topics: sport (0.412)<TAB>the text`` (one line, cut to 60 characters)."""
+    flat = " ".join(text.split())
+    shown = flat if len(flat) <= 60 else flat[:57] + "..."
+    return "\t".join([*(f"{task}: {p['label']} ({p['probability']:.3f})" for task, p in tasks.items()), shown])
 
 
 def cmd_pretrain_vit(args) -> int:

@@ -21,13 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-METHODS = ("fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full")
-#: Rank each method uses when ``lora.rank`` is left unset: the FL-TAC paper's settings
-#: (FL-TAC and its centralized upper bound at 4, FedIT's single shared adapter at 16).
-DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4, "hafl": 8, "hetlora": 8}
-#: Methods that train the backbone itself (fp32 masters) for some or all rounds; they take no ``lora.rank``
-#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See docs/safedlora.md.
-BACKBONE_METHODS = ("safedlora", "fedavg_full")
+from fltac.methods import METHOD_NAMES, METHODS
 
 
 class ConfigError(ValueError):
@@ -462,13 +456,7 @@ class SAFedLoraConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: Literal["fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full"] = _help(
-        "fltac: one adapter per (client, task), K-means + FedAvg per cluster. fedit: one shared adapter per client, "
-        "FedAvg. centralized: pooled data, one adapter per task (upper bound). hafl: one adapter per client at its "
-        "own rank r_k <= R, importance-based truncation or freezing, rank-1 aggregation (section hafl). hetlora: "
-        "the baseline, first r_k components + zero-padded averaging. safedlora: SA-FedLoRA, an initiating stage "
-        "then an annealed SVD adapter (section safedlora). fedavg_full: FedAvg of full fine-tuning (fp32 backbone).",
-        "fltac")
+    method: Literal[METHOD_NAMES] = _help(" ".join(f"{m.name}: {m.summary}" for m in METHODS.values()), "fltac")
     model_name: str = _help("'minilm' (the packaged MiniLM-L6), a hub id, or a local folder.", "minilm")
     seed: int = _help("Seeds the partition (seed + task index), initial adapter, local batches, K-means, eval sample.", 42)
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
@@ -500,7 +488,7 @@ class RunConfig:
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.method in ("hafl", "hetlora"):
             self._check_hafl()
-        if self.method in BACKBONE_METHODS:
+        if METHODS[self.method].trains_backbone:
             self._check_safedlora()
 
     def _check_safedlora(self) -> None:
@@ -536,12 +524,12 @@ class RunConfig:
 
     @property
     def rank(self) -> int:
-        """The LoRA rank this run uses: ``lora.rank``, or the method's default."""
+        """The LoRA rank this run uses: ``lora.rank``, or the method's default (the registry's)."""
         if self.method == "safedlora":
             return self.safedlora.rank_init
         if self.method == "fedavg_full":
             return 0  # no adapter: the whole backbone is trained
-        return self.lora.rank if self.lora.rank is not None else DEFAULT_RANK[self.method]
+        return self.lora.rank if self.lora.rank is not None else METHODS[self.method].default_rank
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -120,8 +120,3 @@ def check_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of an adapter on the wire (its tensors as stored)."""
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
-    """The tensors under ``keys`` (in that order) as one float32 vector."""
-    return torch.cat([state[k].reshape(-1).float() for k in keys])

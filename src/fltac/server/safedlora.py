@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from fltac.client.svd_importance import SCORE
 from fltac.models.staged import (
     INDEX,
     Mask,
@@ -39,9 +38,9 @@ from fltac.models.staged import (
     part_of,
     unpack,
 )
-from fltac.server.aggregate import State
 from fltac.server.robust import Spec, spec_of
-from fltac.server.strategies import Broadcast, FedAvg, Strategy, Submission
+from fltac.server.strategies import FedAvg, Strategy
+from fltac.wire import HOOK_PROXIMAL, HOOK_SVD_ANNEAL, SVD_SCORE, Broadcast, State, Submission
 
 # ---- pure functions -----------------------------------------------------------------------------------
 
@@ -91,7 +90,7 @@ def average_scores(uploads: list[dict[str, torch.Tensor]], weights: list[float],
     for m, keep in mask.items():
         full = torch.zeros(len(keep), dtype=torch.float64)
         if uploads:
-            full[keep] = sum(wi * u[f"{m}.{SCORE}"].double() for wi, u in zip(w, uploads))
+            full[keep] = sum(wi * u[f"{m}.{SVD_SCORE}"].double() for wi, u in zip(w, uploads))
         out[m] = full
     return out
 
@@ -184,7 +183,7 @@ class SAFedLoRA(Strategy):
     # ---- configure -------------------------------------------------------------------------------------
     def configure(self, round_, client, key):
         if not self.annealing(round_):
-            return Broadcast(self.slots_[0], {"proximal_mu": self.mu} if self.mu > 0 else {})
+            return Broadcast(self.slots_[0], {HOOK_PROXIMAL: self.mu} if self.mu > 0 else {})
         wire = pack(self.adapter_, self.mask_)
         if self.base_ is not None and (client not in self.base_sent_ or self.resumed_):
             # the backbone trained in the initiating stage reaches each client once; after a resume the in-process
@@ -192,7 +191,7 @@ class SAFedLoRA(Strategy):
             wire = {**self.base_, **wire}
             self.base_sent_.add(client)
             self.resumed_ = False
-        return Broadcast(wire, {"svd_anneal": dict(self.client_config)})
+        return Broadcast(wire, {HOOK_SVD_ANNEAL: dict(self.client_config)})
 
     def expected_spec(self, client: int, key: str, sent: Broadcast) -> Spec:
         """What comes back: what was sent, less the frozen backbone (never sent back)."""
@@ -288,11 +287,13 @@ def _no_index(state: State) -> State:
     return {k: v for k, v in state.items() if not k.endswith(f".{INDEX}")}
 
 
-def make_sa_strategy(cfg, everything: State) -> Strategy:
-    """The strategy of ``safedlora`` or ``fedavg_full`` from the run config and the model's initial parameters."""
-    if cfg.method == "fedavg_full":
-        return FedAvgFull(everything)
+def make_safedlora(cfg, everything: State, n_tasks: int = 0, lora_keys: list[str] | None = None) -> SAFedLoRA:
+    """The strategy of ``method: safedlora`` from the run config and the model's initial parameters."""
     sa = cfg.safedlora
     return SAFedLoRA(everything, cfg.train.rounds, sa.init_rounds, sa.init_train, sa.mu, sa.rank_init,
                      sa.target_rank, sa.warm_rounds, sa.cool_rounds, sa.orth_reg, sa.beta1, sa.beta2)
 
+
+def make_fedavg_full(cfg, everything: State, n_tasks: int = 0, lora_keys: list[str] | None = None) -> FedAvgFull:
+    """The strategy of ``method: fedavg_full``: FedAvg of every parameter."""
+    return FedAvgFull(everything)
