@@ -4,6 +4,7 @@
               [--engine flower-sim]
     fltac partition --scenario text5 [--alpha 0.1] [--save partition.csv]
     fltac report RUN_DIR [RUN_DIR ...] [--out DIR]
+    fltac compare --config configs/text5.yaml --methods fltac fedit centralized --seeds 42 43 44 --out DIR [--alpha 0.1]
     fltac export RUN_DIR --out DIR [--round N]
     fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME]
     fltac pretrain-vit [--out DIR] [--epochs N] [--seed S] [--threads N]
@@ -79,7 +80,8 @@ def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
                         "every key, its help and default: docs/configuration.md")
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, fixed: dict | None = None):
+    """The RunConfig of the config file, flags and --override of ``args``, then the ``fixed`` {dotted key: value}."""
     overrides = {}
     for name, value in vars(args).items():
         if name.startswith("flag_") and value is not None:
@@ -87,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
     for text in args.override:
         key, value = parse_override(text)
         overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, {**overrides, **(fixed or {})})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
                      help="where the report goes (default: the first RUN_DIR)")
+
+    cmp = sub.add_parser("compare", help="run methods x seeds of one config (resumable), then tables of mean ± std "
+                                         "over seeds (comparison.md, comparison.csv) and the report's plots")
+    _add_config_flags(cmp, [f for f in FLAG_KEYS if f not in ("method", "seed", "output_dir")])
+    cmp.add_argument("--methods", nargs="+", default=["fltac", "fedit", "centralized"], metavar="METHOD",
+                     help="methods to compare (default: fltac fedit centralized)")
+    cmp.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], metavar="SEED",
+                     help="seeds each method runs with (default: 42 43 44); the spread is over these")
+    cmp.add_argument("--out", metavar="DIR", required=True,
+                     help="one run folder per pair (DIR/<method>_seed<seed>/; a finished one is not rerun, an "
+                          "interrupted one resumes), then comparison.md, comparison.csv and report.md here")
+    cmp.add_argument("--quiet", action="store_true", help="no progress lines")
 
     exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json, and a "
                                         "README.md on using them)")
@@ -219,6 +233,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from fltac.compare import check_distinct, command_line, compare, pair_dir  # heavy imports: only when it runs
+
+    check_distinct("--methods", args.methods)
+    check_distinct("--seeds", args.seeds)
+    configs = {(m, s): config_from_args(args, {"method": m, "seed": s, "output_dir": str(pair_dir(args.out, m, s))})
+               for m in args.methods for s in args.seeds}
+    md = compare(configs, args.out, command_line(args), quiet=args.quiet)
+    print(f"wrote {md}, {md.with_suffix('.csv')} and {md.parent / 'report.md'}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from fltac.export import export_run
 
@@ -281,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
-                "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
+        return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "compare": cmd_compare,
+                "export": cmd_export, "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
     except user_errors() as exc:
         if debug:
             raise

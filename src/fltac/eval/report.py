@@ -33,6 +33,7 @@ from fltac.wire import Submission, is_lora_key
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 DPI = 100
+LABELS = {"accuracy": "accuracy", "lm_loss": "LM loss"}  # axis words per Run.metric
 
 
 class ReportError(ConfigError):
@@ -52,6 +53,11 @@ class Run:
     @property
     def method(self) -> str:
         return self.summary.get("method", self.config.get("method", "?"))
+
+    @property
+    def metric(self) -> str:
+        """The evaluation figure its eval lines and summary hold: 'accuracy', or 'lm_loss' for a causal LM."""
+        return "accuracy" if "per_task_accuracy" in self.summary else "lm_loss"
 
     @property
     def tasks(self) -> list[str]:
@@ -90,11 +96,11 @@ def slug(name: str) -> str:
 # ---- figures from the files ----------------------------------------------------------------------
 
 def accuracy_by_round(run: Run) -> dict[str, tuple[list[int], list[float]]]:
-    """``{task: (rounds, accuracies)}`` of the serving adapter, at every evaluated round."""
+    """``{task: (rounds, accuracies)}`` of the serving adapter, at every evaluated round (LM losses for a causal LM)."""
     out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     for m in run.evals():
         out[m["task"]][0].append(m["round"])
-        out[m["task"]][1].append(m["accuracy"])
+        out[m["task"]][1].append(m[run.metric])
     return dict(out)
 
 
@@ -105,14 +111,14 @@ def majority_accuracy(run: Run) -> dict[str, float]:
 
 
 def accuracy_vs_uplink(run: Run) -> tuple[list[int], list[float]]:
-    """(cumulative uplink bytes after each evaluated round, mean accuracy at that round)."""
+    """(cumulative uplink bytes after each evaluated round, mean accuracy (causal LM: LM loss) at that round)."""
     cumulative, total = {}, 0
     for m in sorted(run.rounds(), key=lambda m: m["round"]):
         total += m["uplink_bytes"]
         cumulative[m["round"]] = total
     by_round: dict[int, list[float]] = defaultdict(list)
     for m in run.evals():
-        by_round[m["round"]].append(m["accuracy"])
+        by_round[m["round"]].append(m[run.metric])
     rounds = sorted(r for r in by_round if r in cumulative)
     return [cumulative[r] for r in rounds], [float(np.mean(by_round[r])) for r in rounds]
 
@@ -226,7 +232,7 @@ def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0][0].set_ylabel("test accuracy (serving adapter)")
+    axes[0][0].set_ylabel(f"test {LABELS[runs[0].metric]} (serving adapter)")
     handles, names = axes[0][-1].get_legend_handles_labels()
     if majority_shown:
         from matplotlib.lines import Line2D
@@ -253,7 +259,7 @@ def plot_accuracy_vs_uplink(runs: list[Run], path: Path) -> None:
         x, y = accuracy_vs_uplink(run)
         ax.plot(np.asarray(x) / 1e6, y, marker="o", ms=4, label=f"{run.name} ({run.method})")
     ax.set_xlabel("cumulative uplink (MB)")
-    ax.set_ylabel("mean test accuracy")
+    ax.set_ylabel(f"mean test {LABELS[runs[0].metric]}")
     ax.set_title("accuracy for the bytes clients sent", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
