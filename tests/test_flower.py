@@ -22,12 +22,15 @@ from conftest import tiny_config_overrides
 
 from fltac.config import load_config, set_dotted
 from fltac.engines.inprocess import run
+from fltac.models.backbone import bf16_support
 
 pytestmark = pytest.mark.flower
 
 REPO = Path(__file__).resolve().parents[1]
 NETNS = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip") is not None
 needs_netns = pytest.mark.skipif(not NETNS, reason="needs root and unshare/ip to keep Flower on loopback")
+BF16 = bf16_support(torch.device("cpu"))[0]
+needs_bf16 = pytest.mark.skipif(not BF16, reason="the CPU reports no bf16 units (AMX / AVX512-BF16)")
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -106,11 +109,22 @@ def test_codec_roundtrip_shares_cluster_adapters():
 
 # ---- simulation vs in-process ----------------------------------------------------------------------------
 
+def _same_adapter_files(a: Path, b: Path) -> None:
+    """Every adapter file of run ``a`` (global adapters per round, FL-TAC's submissions) is byte-identical in ``b``."""
+    names = sorted(f.name for f in (a / "adapters").glob("*.safetensors"))
+    assert names and names == sorted(f.name for f in (b / "adapters").glob("*.safetensors"))
+    for name in names:
+        assert (a / "adapters" / name).read_bytes() == (b / "adapters" / name).read_bytes(), name
+
+
 @needs_netns
-def test_flower_sim_matches_inprocess(tiny_bert, csv_scenario, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_bf16)])
+def test_flower_sim_matches_inprocess(dtype, tiny_bert, csv_scenario, tmp_path):
+    """Ray simulation vs the in-process engine (all clients in shared passes), at the default layout
+    (``train.batching: routed``): the same adapters, byte for byte, in fp32 and in bf16."""
     ref_out, sim_out = tmp_path / "inprocess", tmp_path / "flower"
-    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, ref_out)), quiet=True)
-    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, sim_out))
+    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, ref_out, dtype=dtype)), quiet=True)
+    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, sim_out, dtype=dtype))
     proc = in_loopback_netns(f"{sys.executable} -m fltac run --config {config} --engine flower-sim --quiet",
                              tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -135,6 +149,7 @@ def test_flower_sim_matches_inprocess(tiny_bert, csv_scenario, tmp_path):
     rounds = [m for m in sim_lines if m["phase"] == "round"]
     assert all(m["uplink_bytes"] > 0 and m["downlink_bytes"] > 0 and m["dropped"] == 0 for m in rounds)
     assert sim["uplink_bytes"] == sum(m["uplink_bytes"] for m in rounds)
+    _same_adapter_files(ref_out, sim_out)
 
 
 # ---- a real local deployment -----------------------------------------------------------------------------
@@ -257,6 +272,25 @@ def test_every_method_gives_the_inprocess_result_through_flower_messages(method,
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0  # wire bytes: the tensors plus their names
+
+
+@needs_bf16
+@pytest.mark.parametrize("method", ["fltac", "fedit"])
+def test_flower_clients_give_the_inprocess_adapters_byte_for_byte_in_bf16(method, tiny_bert, csv_scenario, tmp_path,
+                                                                          task_identity):
+    """The defaults (routed batches, fast path) on a bf16 backbone: the in-process engine trains every client
+    of a round in shared passes, each Flower client (the real ClientApp) its own adapters alone; every
+    adapter file is the same bytes. 4 skewed clients, so clients hold different numbers of tasks."""
+    tasks = [{k: v for k, v in t.items() if k != "client_column"} for t in csv_scenario["tasks"]]
+    from fltac.engines.flower import FlowerEngine
+
+    extra = {"method": method, "dtype": "bfloat16", "data.custom_tasks": tasks, "partition.n_clients": 4,
+             "partition.alpha": 0.3}
+    run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    assert cfg.train.batching == "routed" and cfg.train.adapters_per_pass > 1
+    FlowerEngine(cfg, ScriptedGrid(4, {}), quiet=True).run()
+    _same_adapter_files(tmp_path / "ref", tmp_path / "flower")
 
 
 def test_centralized_is_refused_before_flower_starts(tmp_path):

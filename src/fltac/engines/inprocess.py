@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from fltac import io, rng
-from fltac.client.round import ClientResult, sent_part, train_client
-from fltac.client.train import job_seed, train_all_together
+from fltac.client.round import ClientResult, sent_part, train_client, uses_bank
+from fltac.client.train import train_fast_path
 from fltac.config import ConfigError, RunConfig, from_dict
 from fltac.data import load_tasks
 from fltac.engines.faults import required_clients
@@ -137,15 +137,12 @@ class Transport(Protocol):
 
 
 def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
-    """Whether a round's adapters may share backbone passes (the fast path; see ``train.adapters_per_pass``).
-
-    Needs: more than one adapter per pass allowed; a plain LoRA classifier or causal LM (not a staged
-    backbone); no client hooks (their per-adapter terms act on one adapter's tensors); no backbone dropout
-    (its draws would span groups); and no client time limit (a shared pass cannot time one client).
-    """
-    return (cfg.train.adapters_per_pass > 1 and isinstance(model, AdapterModel)
-            and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM") and cfg.backbone_dropout == 0.0
-            and cfg.reliability.client_timeout_s is None and not any(b.config for b in broadcasts))
+    """Whether a round's adapters, all clients together, take the fast path (``train.adapters_per_pass``):
+    :func:`~fltac.client.round.uses_bank`, no client time limit (a shared pass cannot time one client) and, in
+    the per-adapter layout, more than one adapter per pass allowed (routed: 1 means every client alone, still
+    on the bank)."""
+    return ((cfg.train.adapters_per_pass > 1 or cfg.train.batching == "routed") and uses_bank(model, cfg, broadcasts)
+            and cfg.reliability.client_timeout_s is None)
 
 
 class InProcessTransport:
@@ -160,11 +157,11 @@ class InProcessTransport:
         jobs = [j for cjobs in jobs_of.values() for j in cjobs]
         trained = None
         if trains_together(self.model, cfg, [b for per in broadcasts.values() for b in per.values()]):
-            trained = train_all_together(self.model, self.store, jobs,
-                                         {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
-                                         cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
-                                                     for j in jobs},
-                                         lambda n: bar.step(n, note=f"{n} adapters per pass"))
+            trained = train_fast_path(self.model, self.store, jobs,
+                                      {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
+                                      cfg.train, cfg.seed, r, lambda n: bar.step(n, note=f"{n} clients per step"
+                                                                                 if cfg.train.batching == "routed"
+                                                                                 else f"{n} adapters per pass"))
         results, down = {}, 0
         for client, cjobs in jobs_of.items():
             distinct = {id(b.state): b.state for b in broadcasts[client].values()}  # a shared slot is sent once
