@@ -270,7 +270,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ReliabilityConfig:
-    """Failing clients, submission checks and robust aggregation (see README, "Reliability").
+    """Failing clients, submission checks and robust aggregation (see docs/reliability.md).
 
     Faults and attacks are drawn from (seed, round, client[, key]) alone, like every other random
     draw of a run, so a resumed run meets the same faults as the uninterrupted one.
