@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fltac.server.aggregate import clustering_scores, kmeans_labels, match_to_previous, weighted_mean
+from fltac.methods import pooled_slots
 from fltac.server.strategies import FLTAC, Centralized, FedAvg, Submission
 
 # ---- weighted_mean -----------------------------------------------------------------------------------
@@ -337,12 +338,12 @@ def test_fedavg_averages_everything_sample_weighted():
     assert strat.start_state(12345, "a0") is initial
 
 
-def test_centralized_slot_is_the_job_key():
+def test_centralized_slot_is_the_pooled_layouts_slot_of_the_key():
     initial = make_initial()
     g = torch.Generator().manual_seed(9)
     subs = [Submission(0, f"a{t}", {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}, 10 + t, initial)
             for t in range(3)]
-    strat = Centralized(initial, 3)
+    strat = Centralized(initial, pooled_slots(3))
     assert strat.aggregate(1, subs) == {(0, "a0"): 0, (0, "a1"): 1, (0, "a2"): 2}
     for t in range(3):
         assert_state_close(strat.slots_[t], subs[t].state)

@@ -4,7 +4,9 @@ stopping before training with a message that names the task and the problem."""
 from __future__ import annotations
 
 import json
+import runpy
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -208,3 +210,29 @@ def test_config_round_trips_through_json(csv_scenario, tiny_runs):
     assert [t.name for t in cfg.data.custom_tasks] == ["reviews", "topics"]
     assert cfg.to_dict() == saved
     assert tiny_config_overrides("m", "o")["partition.n_clients"] == len(AUTHORS)
+
+
+# ---- the documented example: scripts/demo_data.py + configs/demo_custom.yaml ------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads_and_is_the_one_the_docs_show():
+    cfg = load_config(ROOT / "configs" / "demo_custom.yaml")
+    assert cfg.data.scenario == "custom" and [t.name for t in cfg.data.custom_tasks] == ["reviews", "news"]
+    page = (ROOT / "docs" / "own-data.md").read_text()
+    shown = page.split("`configs/demo_custom.yaml` reads them:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    assert shown == (ROOT / "configs" / "demo_custom.yaml").read_text()
+
+
+def test_demo_data_writes_the_csvs_the_demo_config_reads(tmp_path, monkeypatch, capsys):
+    demo_data = runpy.run_path(str(ROOT / "scripts" / "demo_data.py"))["main"]
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative to the current directory, as documented
+    assert demo_data([]) == 0
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "data" / "demo").glob("*.csv")}
+    assert sorted(p.name for p in written) == ["news.csv", "reviews.csv"]
+    assert demo_data([]) == 1 and "--force" in capsys.readouterr().err  # an existing file is left alone
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert main(["partition", "--config", str(ROOT / "configs" / "demo_custom.yaml")]) == 0
+    totals = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("total "))
+    assert totals[1:] == ["2000", "1000", "3000"]  # each task's max_examples training rows, all assigned

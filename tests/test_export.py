@@ -4,6 +4,7 @@ fltac's evaluation of the exported adapter; ``fltac predict`` uses it."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,8 +34,8 @@ def experiment(tiny_runs):
 def test_one_folder_per_task_for_fltac_and_one_for_fedit(exported):
     assert sorted(exported["fltac"]) == ["reviews", "topics"] and sorted(exported["fedit"]) == ["fedit"]
     for folder in [*exported["fltac"].values(), exported["fedit"]["fedit"]]:
-        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                             "labels.json"]
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
+                                                             "adapter_model.safetensors", "labels.json"]
     labels = json.loads((exported["fltac"]["topics"] / "labels.json").read_text())
     assert labels["num_labels"] == 5 and labels["tasks"] == [
         {"name": "topics", "offset": 2, "labels": ["cooking", "sport", "weather"]}]
@@ -111,17 +112,80 @@ def test_peft_alone_gives_fltac_logits_and_accuracy(exported, experiment, tiny_r
         assert (pred == true).float().mean().item() == pytest.approx(recorded)
 
 
-def test_predict_cli_prints_a_label(exported, capsys):
-    assert main(["predict", "--adapter", str(exported["fltac"]["reviews"]), "I loved it", "what a bore"]) == 0
+LABEL_LINE = r"(\w+): (\w+) \((0\.\d{3}|1\.000)\)"
+
+
+def test_predict_cli_prints_text_label_and_probability(exported, capsys):
+    long_text = "the striker scored a late goal " * 150  # ~900 tokens: cut to max_length, as in training
+    assert main(["predict", "--adapter", str(exported["fltac"]["reviews"]), "I loved it", long_text]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and set(lines) <= {"negative", "positive"}
+    assert len(lines) == 2
+    for line, text in zip(lines, ["I loved it", long_text]):
+        cell, shown = line.split("\t")
+        task, label, prob = re.fullmatch(LABEL_LINE, cell).groups()
+        assert task == "reviews" and label in {"negative", "positive"} and 0.5 <= float(prob) <= 1.0
+        assert shown == text[:57] + "..." if len(text) > 60 else shown == text
     assert main(["predict", "--adapter", str(exported["fedit"]["fedit"]), "bake the bread"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith("reviews: ") and "\ttopics: " in line
+    cells = line.split("\t")
+    assert [re.fullmatch(LABEL_LINE, c).group(1) for c in cells[:2]] == ["reviews", "topics"]
+    assert cells[2] == "bake the bread"
     assert main(["predict", "--adapter", str(exported["fedit"]["fedit"]), "--task", "topics", "bake"]) == 0
-    assert capsys.readouterr().out.strip() in {"cooking", "sport", "weather"}
+    cell, text = capsys.readouterr().out.strip().split("\t")
+    assert re.fullmatch(LABEL_LINE, cell).group(2) in {"cooking", "sport", "weather"} and text == "bake"
     assert main(["predict", "--adapter", str(exported["fedit"]["fedit"]), "--task", "nope", "bake"]) == 2
     assert "task 'nope' is not served" in capsys.readouterr().err
+
+
+def test_predict_json_one_object_per_text(exported, capsys):
+    texts = ["bake the bread", "what a bore"]
+    assert main(["predict", "--json", "--adapter", str(exported["fedit"]["fedit"]), *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    labels = json.loads((exported["fedit"]["fedit"] / "labels.json").read_text())
+    for row in rows:
+        assert list(row["tasks"]) == ["reviews", "topics"]
+        for spec in labels["tasks"]:
+            pred = row["tasks"][spec["name"]]
+            probs = pred["probabilities"]
+            assert list(probs) == spec["labels"] and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+            assert pred["label"] == max(probs, key=probs.get) and pred["probability"] == max(probs.values())
+    # the text lines and the JSON agree
+    assert main(["predict", "--adapter", str(exported["fedit"]["fedit"]), *texts]) == 0
+    for line, row in zip(capsys.readouterr().out.splitlines(), rows):
+        assert line.split("\t")[0] == f"reviews: {row['tasks']['reviews']['label']} " \
+                                       f"({row['tasks']['reviews']['probability']:.3f})"
+
+
+def test_readme_snippet_predicts_with_peft_alone_on_a_long_text(exported, tmp_path, capsys):
+    """The README.md export writes holds a snippet that runs with peft and transformers only, cuts a 900-token
+    text to max_length, prints no head report and agrees with fltac predict."""
+    folder = exported["fltac"]["topics"]
+    readme = (folder / "README.md").read_text()
+    assert f"fltac predict --adapter {folder}" in readme
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    texts = ["bake the bread", "heavy rain " * 450]
+    snippet = re.sub(r"^texts = .*$", f"texts = {texts!r}", snippet, count=1, flags=re.M)
+    guard = "\nimport sys\nassert not any(m.startswith('fltac') for m in sys.modules), 'fltac was imported'\n"
+    proc = subprocess.run([sys.executable, "-c", snippet + guard], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "MISSING" not in proc.stderr and "newly initialized" not in proc.stderr
+    assert main(["predict", "--adapter", str(folder), *texts]) == 0
+    ours = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ours
+
+
+def test_loading_an_export_prints_no_head_report_and_restores_logging(exported, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from fltac.export import load_exported
+
+    hf_logging.set_verbosity_warning()
+    load_exported(exported["fltac"]["reviews"])
+    assert hf_logging.get_verbosity() == hf_logging.WARNING
+    err = capfd.readouterr().err
+    assert "MISSING" not in err and "newly initialized" not in err
 
 
 def test_serving_slot_recomputed_from_assignments_matches_the_evaluation(tiny_runs):
@@ -138,3 +202,12 @@ def test_export_round_and_errors(tiny_runs, tmp_path, capsys):
         export_run(tiny_runs["fltac"], tmp_path / "r7", 7)
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_the_docs_show_the_snippet_the_export_writes():
+    from pathlib import Path
+
+    from fltac.export import PEFT_SNIPPET
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "own-data.md").read_text()
+    assert PEFT_SNIPPET.replace("FOLDER", '"exported/text5/bbc"') in page

@@ -95,8 +95,8 @@ def test_codec_roundtrip_shares_cluster_adapters():
         encode_broadcasts,
         encode_result,
     )
-    from fltac.engines.inprocess import ClientResult
-    from fltac.server.strategies import Broadcast
+    from fltac.client.round import ClientResult
+    from fltac.wire import Broadcast, Upload
 
     slot0 = {"q.lora_A": torch.randn(2, 4), "q.lora_B": torch.randn(4, 2)}
     slot1 = {"q.lora_A": torch.randn(2, 4), "q.lora_B": torch.randn(4, 2)}
@@ -110,11 +110,12 @@ def test_codec_roundtrip_shares_cluster_adapters():
         assert all(torch.equal(got[key].state[k], sent[key].state[k]) for k in slot0)
 
     up = ClientResult([{"phase": "local", "round": 3, "loss": 0.5}], [
-        ("a0", slot0, 7, {}), ("a1", slot1, 5, {"q.idx": torch.tensor([0, 1], dtype=torch.int32)})], 99)
+        Upload("a0", slot0, 7), Upload("a1", slot1, 5, {"q.idx": torch.tensor([0, 1], dtype=torch.int32)})], 99)
     back, wire = decode_result(encode_result(up))
     assert back.records == up.records and back.tokens == 99 and not back.failed
-    assert [(k, n) for k, _, n, _ in back.uploads] == [("a0", 7), ("a1", 5)]
-    assert back.uploads[1][3]["q.idx"].dtype == torch.int32 and back.uploads[0][3] == {}
+    assert [(u.key, u.num_examples) for u in back.uploads] == [("a0", 7), ("a1", 5)]
+    assert torch.equal(back.uploads[1].state["q.lora_A"], slot1["q.lora_A"])
+    assert back.uploads[1].extras["q.idx"].dtype == torch.int32 and back.uploads[0].extras == {}
     assert wire >= 2 * 2 * 8 * 4 + 8
 
 

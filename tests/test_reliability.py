@@ -32,6 +32,7 @@ from fltac.engines.inprocess import RunError, TooFewClients, run
 from fltac.server.aggregate import weighted_mean
 from fltac.server.robust import (Aggregation, clip_update, coordinate_median, finite_problem, screen, slots_problem,
                                  spec_of, state_norm, structure_problem, trimmed_mean, update_norm)
+from fltac.methods import pooled_slots
 from fltac.server.strategies import Centralized, Submission, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_aggregation_rules_compose_with_clipping():
 
 def test_merge_applies_the_rule_inside_each_slot():
     initial = {"w": torch.zeros(2)}
-    strategy = Centralized(initial, 3)
+    strategy = Centralized(initial, pooled_slots(3))
     strategy.aggregation = Aggregation("median")
     rows = {"a0": [[1.0, 0.0], [2.0, 5.0], [9.0, 1.0]], "a1": [[4.0, 4.0], [6.0, 8.0]]}
     subs = [Submission(c, key, {"w": torch.tensor(r)}, 1, initial) for key, rs in rows.items()

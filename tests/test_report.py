@@ -11,7 +11,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from fltac.cli import main
 from fltac.eval.progress import Progress, eta, format_seconds
-from fltac.eval.report import accuracy_vs_uplink, build_report, kmeans_features, load_run, submission_rounds
+from fltac.eval.report import (accuracy_vs_uplink, build_report, kmeans_features, load_run, majority_accuracy,
+                               per_task_rows, submission_rounds)
 from fltac.server.aggregate import kmeans_labels
 
 PNGS = ["accuracy_per_round.png", "accuracy_vs_uplink.png", "clustering_accuracy.png", "confusion_fltac.png",
@@ -34,6 +35,31 @@ def test_report_has_plots_and_a_table_of_both_runs(tiny_runs, tmp_path):
     page = (tmp_path / "report" / "report.html").read_text()
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(PNGS)  # relative: opens with its images
     assert sorted(re.findall(r"\]\(([^)]+\.png)\)", text)) == sorted(PNGS)
+
+
+def test_majority_class_accuracy_of_the_eval_sample_in_the_report(tiny_runs, tmp_path):
+    """tasks.json records each task's majority-class accuracy on the very test sample the run scored; the
+    report's per-task table sets it under each run's per-task accuracy (both runs: one seed, one sample)."""
+    from fltac.config import from_dict
+    from fltac.experiment import build_experiment
+
+    run = load_run(tiny_runs["fltac"])
+    exp = build_experiment(from_dict(run.config))
+    majority = majority_accuracy(run)
+    assert list(majority) == run.tasks == ["reviews", "topics"]
+    for t, task in enumerate(run.tasks):
+        _, true = exp.evaluator.predictions(exp.strategy.initial, t)  # the sample's true labels, as scored
+        assert len(true) == run.config["eval"]["eval_size"]
+        assert majority[task] == np.bincount(true).max() / len(true)
+    assert 0.5 <= majority["reviews"] < 1.0 and 1 / 3 <= majority["topics"] < 1.0
+    head, rows = per_task_rows([run, load_run(tiny_runs["fedit"])])
+    assert head == ["run", "method", "reviews", "topics"]
+    for row, method in zip(rows, ("fltac", "fedit")):
+        s = json.loads((tiny_runs[method] / "summary.json").read_text())
+        assert row == [method, method, *(f"{s['per_task_accuracy'][t]:.4f}" for t in head[2:])]
+    assert rows[2:] == [["majority class", "-", f"{majority['reviews']:.4f}", f"{majority['topics']:.4f}"]]
+    text = build_report([tiny_runs["fltac"]], tmp_path / "r").read_text()
+    assert "## Accuracy per task" in text and f"| majority class | - | {majority['reviews']:.4f} |" in text
 
 
 def test_report_cli_defaults_to_the_first_run(tiny_runs, capsys):
@@ -105,3 +131,27 @@ def test_progress_estimates_the_time_left():
     quiet = io.StringIO()
     Progress("x", 3, enabled=False, stream=quiet, interval=0).step()
     assert quiet.getvalue() == ""
+
+
+def test_projection_rebuilds_exactly_the_vectors_the_server_clustered(tiny_bert, csv_scenario, tmp_path, monkeypatch):
+    """A run that clusters randomly projected updates: the report's vectors are the very ones the server's
+    K-means got (same tensors, update from each job's start adapter, normalisation, kmeans_dims projection)."""
+    from fltac.config import load_config
+    from fltac.engines.inprocess import run
+    from fltac.server.strategies import FLTAC
+
+    from conftest import tiny_config_overrides
+
+    seen = []
+    features = FLTAC.features
+    monkeypatch.setattr(FLTAC, "features", lambda self, subs: seen.append(features(self, subs)) or seen[-1])
+    cfg = load_config(None, {**tiny_config_overrides(tiny_bert, tmp_path / "run"), "method": "fltac",
+                             "data.scenario": "custom", "data.custom_tasks": csv_scenario["tasks"],
+                             "server.cluster_on": "update", "server.kmeans_dims": 6})
+    run(cfg, quiet=True)
+    monkeypatch.undo()
+    finished = load_run(tmp_path / "run")
+    for r in (1, 2):
+        feats, tasks, clusters = kmeans_features(finished, r)
+        assert feats.shape == (len(clusters), 6) and len(set(tasks)) == 2
+        np.testing.assert_array_equal(feats, seen[r - 1])

@@ -14,12 +14,13 @@ import torch
 
 from fltac.client.hooks import make_hooks
 from fltac.client.proximal import Proximal
-from fltac.client.svd_importance import SCORE, triplet_scores
+from fltac.client.svd_importance import triplet_scores
 from fltac.config import ConfigError, load_config
 from fltac.data.tasks import Task
 from fltac.engines.inprocess import run
 from fltac.models.staged import INDEX, StagedModel, pack, unpack
 from fltac.server.safedlora import average_scores, budget, select_mask
+from fltac.wire import SVD_SCORE
 
 RANK = 4
 
@@ -63,7 +64,7 @@ def test_mask_keeps_exactly_b_of_the_active_triplets():
 
 def test_average_scores_by_sample_count():
     mask = {"m": torch.tensor([True, False, True])}
-    ups = [{f"m.{SCORE}": torch.tensor([1.0, 3.0])}, {f"m.{SCORE}": torch.tensor([4.0, 0.0])}]
+    ups = [{f"m.{SVD_SCORE}": torch.tensor([1.0, 3.0])}, {f"m.{SVD_SCORE}": torch.tensor([4.0, 0.0])}]
     avg = average_scores(ups, [1, 2], mask)["m"]
     assert torch.allclose(avg, torch.tensor([(1 + 8) / 3, 0.0, 3 / 3], dtype=torch.float64))
 
@@ -141,7 +142,7 @@ def test_masked_triplets_are_neither_trained_nor_sent(staged):
         assert sent[f"{m}.{INDEX}"].tolist() == torch.nonzero(keep).reshape(-1).tolist()
     (hook,) = hooks
     extras = hook.extras()
-    assert {k: v.shape[0] for k, v in extras.items()} == {f"{m}.{SCORE}": int(k.sum()) for m, k in mask.items()}
+    assert {k: v.shape[0] for k, v in extras.items()} == {f"{m}.{SVD_SCORE}": int(k.sum()) for m, k in mask.items()}
     assert all(bool((v > 0).all()) for v in extras.values())
 
 

@@ -13,31 +13,70 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 
-from fltac.assets import AssetMissing
-from fltac.config import FLAG_KEYS, ConfigError, load_config, parse_override, read_value
-from fltac.data.hub import HubUnavailable
-from fltac.io import RunFileError
-from fltac.models.adapters import AdapterMismatch
-from fltac.models.backbone import ModelLoadError
-from fltac.server.strategies import AggregationError
+import fltac
+from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override, read_value
 
-#: Errors that are the user's to fix (their input, files or environment): printed as one line, exit code 2,
-#: no traceback (unless --debug or FLTAC_DEBUG=1). Anything else is an internal error and keeps its traceback.
-USER_ERRORS = (ConfigError, AssetMissing, ModelLoadError, RunFileError, AdapterMismatch, HubUnavailable,
-               AggregationError, OSError)
+#: Errors that are the user's to fix (their input, files or environment): printed as one line, exit code 2, no
+#: traceback (unless --debug or FLTAC_DEBUG=1); anything else is an internal error and keeps its traceback. Named
+#: by module, so that ``fltac --help`` and a config error import no torch, peft or transformers
+#: (see :func:`user_errors`); OSError (a file or folder the system refuses) is always one.
+USER_ERRORS = {"fltac.config": "ConfigError", "fltac.assets": "AssetMissing", "fltac.models.backbone": "ModelLoadError",
+               "fltac.io": "RunFileError", "fltac.models.adapters": "AdapterMismatch",
+               "fltac.data.hub": "HubUnavailable", "fltac.server.strategies": "AggregationError"}
 #: Set to 1 to see the traceback of a user error, as --debug does.
 DEBUG_ENV = "FLTAC_DEBUG"
 
 
+def user_errors() -> tuple[type, ...]:
+    """The :data:`USER_ERRORS` classes of the modules imported so far (one whose module never loaded cannot
+    have been raised, and importing it to find out would cost seconds), and OSError."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
+                 if module in sys.modules) + (OSError,)
+
+
+#: Other names a flag answers to: ``--out`` everywhere a command writes somewhere (old names kept).
+FLAG_ALIASES = {"output_dir": ["--out"]}
+#: Metavar of a flag without choices, by the key's type (or by the flag, where that says more).
+TYPE_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "bool": "BOOL", "list": "[A,B]"}
+FLAG_METAVARS = {"output_dir": "DIR", "model_name": "NAME", "scenario": "NAME"}
+
+
+def _yaml_text(value) -> str:
+    """A default or choice as it is written in YAML and on the command line (``null``, ``true``, ``[a, b]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(_yaml_text, value)) + "]"
+    return str(value)
+
+
+def flag_help(key: str) -> tuple[str, str]:
+    """(metavar, help) of the flag that sets config ``key``: the field's help text, its key and built-in default;
+    a Literal field's choices as the metavar, ``{a,b,null}``."""
+    doc = key_doc(key)
+    metavar = ("{" + ",".join(map(_yaml_text, doc.choices)) + "}" if doc.choices
+               else TYPE_METAVARS.get(doc.type_name, "V"))
+    text = f"{doc.help} [{key}; default: {_yaml_text(doc.default)}]"
+    return metavar, text.replace("%", "%%")  # argparse %-formats help strings
+
+
 def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", metavar="YAML", help="YAML config file (see configs/); its values replace the "
+                                                    "built-in defaults shown here, and the flags below replace both")
     for flag in flags:
-        p.add_argument(f"--{flag}", dest=f"flag_{flag}", metavar="V", help=f"sets {FLAG_KEYS[flag]}")
+        metavar, text = flag_help(FLAG_KEYS[flag])
+        metavar = FLAG_METAVARS.get(flag, metavar)
+        p.add_argument(*FLAG_ALIASES.get(flag, []), f"--{flag}", dest=f"flag_{flag}", metavar=metavar, help=text)
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any config key, e.g. train.lr=1e-3 or lora.target_modules=[query,value]")
+                   help="set any config key (repeatable), e.g. train.lr=1e-3, lora.target_modules=[query,value], "
+                        "lora.target_modules.1=key (a list item, from 0) or data.custom_tasks.0.label_column=label; "
+                        "every key, its help and default: docs/configuration.md")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -52,44 +91,60 @@ def config_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fltac", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fltac", description=fltac.__doc__,
+                                     epilog="'fltac COMMAND --help' lists a command's options, with each config "
+                                            "flag's help, default and choices; every config key: "
+                                            "docs/configuration.md")
+    parser.add_argument("--version", action="version", version=f"fltac {fltac.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federated (or centralized) fine-tuning job")
+    run = sub.add_parser("run", help="run a federated (or centralized) fine-tuning job",
+                         description="Run a federated (or centralized) fine-tuning job. Defaults in brackets are the "
+                                     "built-in ones: --config FILE replaces them with the file's values, and flags "
+                                     "and --override replace those.")
     _add_config_flags(run, list(FLAG_KEYS))
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last round")
     run.add_argument("--overwrite", action="store_true", help="replace a finished or failed run in output_dir")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--engine", choices=["inprocess", "flower-sim"], default="inprocess",
                      help="inprocess (default): every client in this process; flower-sim: the same run on Flower's "
-                          "simulation runtime (needs pip install 'fltac[flower]'; see the README, Running on Flower)")
+                          "simulation runtime (needs pip install 'fltac[flower]'; see docs/flower.md)")
     run.add_argument("--log", action="append", default=[], choices=["tensorboard"],
                      help="also stream metrics to TensorBoard (events in output_dir/tensorboard; needs the "
                           "tensorboard package); metrics.jsonl is always written")
 
     part = sub.add_parser("partition", help="print (and save) the per-client x per-task split a run trains on")
     _add_config_flags(part, ["scenario", "n_clients", "alpha", "min_frac", "seed"])
-    part.add_argument("--save", metavar="CSV", help="write the table as CSV")
+    part.add_argument("--out", "--save", dest="save", metavar="CSV", help="write the table as CSV")
 
     rep = sub.add_parser("report", help="report.md + report.html + PNG plots comparing finished runs")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", metavar="DIR", help="where the report goes (default: the first RUN_DIR)")
+    rep.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
+                     help="where the report goes (default: the first RUN_DIR)")
 
-    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json)")
+    exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json, and a "
+                                        "README.md on using them)")
     exp.add_argument("run_dir", metavar="RUN_DIR")
-    exp.add_argument("--out", metavar="DIR", required=True, help="one sub-folder per task (FL-TAC) or 'fedit'")
+    exp.add_argument("--out", "--output_dir", dest="out", metavar="DIR", required=True,
+                     help="one sub-folder per task (FL-TAC) or 'fedit'")
     exp.add_argument("--round", type=int, metavar="N", help="the adapters after round N (default: the last)")
 
-    pred = sub.add_parser("predict", help="print the label an exported adapter predicts for each text")
-    pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred = sub.add_parser("predict", help="print the label (and its probability) an exported adapter predicts for "
+                                          "each text")
+    pred.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify (longer ones are cut to the "
+                                                               "run's max_length tokens, as in training)")
+    pred.add_argument("--json", action="store_true",
+                      help="one JSON object per line and text: {text, tasks: {task: {label, probability, "
+                           "probabilities}}}")
     pred.add_argument("--adapter", metavar="DIR", required=True, help="a folder written by fltac export")
     pred.add_argument("--task", help="only this task (a FedIT export serves every task)")
     pred.add_argument("--model", metavar="PATH", help="the backbone, if not where labels.json says")
 
     vit = sub.add_parser("pretrain-vit", help="pretrain the offline ViT (model_name: vit-fashion-mnist) on "
-                                              "Fashion-MNIST and cache it; see the README, Vision")
-    vit.add_argument("--out", metavar="DIR", help="where it goes (default: ~/.cache/fltac/vit-fashion-mnist, the "
-                                                  "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
+                                              "Fashion-MNIST and cache it; see docs/scenarios.md")
+    vit.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
+                     help="where it goes (default: ~/.cache/fltac/vit-fashion-mnist, the "
+                          "folder model_name vit-fashion-mnist reads with data.cache_dir null)")
     vit.add_argument("--epochs", type=int, default=3, help="passes over the 60k training images (default 3)")
     vit.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch order (default 0)")
     vit.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
@@ -97,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    cfg = config_from_args(args)  # before any heavy import: a config error answers at once
     from fltac.engines.inprocess import RunError, run
 
-    cfg = config_from_args(args)
     if "tensorboard" in args.log:
         from fltac.eval.tensorboard import require_tensorboard
 
@@ -121,13 +176,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_partition(args) -> int:
+    cfg = config_from_args(args)  # before any heavy import: a config error answers at once
     import numpy as np
 
     from fltac.data import load_tasks
     from fltac.data.partition import format_table, partition_table
     from fltac.experiment import build_partition
 
-    cfg = config_from_args(args)
     tasks = load_tasks(cfg.data)
     parts = build_partition(cfg, tasks)
     table = partition_table(parts)
@@ -175,12 +230,17 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from fltac.export import predict
 
-    for text, labels in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
-        if len(labels) == 1:
-            print(next(iter(labels.values())))
-        else:
-            print("\t".join(f"{task}: {label}" for task, label in labels.items()))
+    for text, tasks in zip(args.texts, predict(args.adapter, args.texts, args.task, args.model)):
+        print(json.dumps({"text": text, "tasks": tasks}, ensure_ascii=False) if args.json
+              else prediction_line(text, tasks))
     return 0
+
+
+def prediction_line(text: str, tasks: dict) -> str:
+    """``reviews: positive (0.934)<TAB>topics: sport (0.412)<TAB>the text`` (one line, cut to 60 characters)."""
+    flat = " ".join(text.split())
+    shown = flat if len(flat) <= 60 else flat[:57] + "..."
+    return "\t".join([*(f"{task}: {p['label']} ({p['probability']:.3f})" for task, p in tasks.items()), shown])
 
 
 def cmd_pretrain_vit(args) -> int:
@@ -223,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
                 "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         if debug:
             raise
         print(error_line(exc), file=sys.stderr)

@@ -21,13 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-METHODS = ("fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full")
-#: Rank each method uses when ``lora.rank`` is left unset: the FL-TAC paper's settings
-#: (FL-TAC and its centralized upper bound at 4, FedIT's single shared adapter at 16).
-DEFAULT_RANK = {"fltac": 4, "fedit": 16, "centralized": 4, "hafl": 8, "hetlora": 8}
-#: Methods that train the backbone itself (fp32 masters) for some or all rounds; they take no ``lora.rank``
-#: (SA-FedLoRA's rank is ``safedlora.rank_init``; fedavg_full has no adapter). See README, "SA-FedLoRA".
-BACKBONE_METHODS = ("safedlora", "fedavg_full")
+from fltac.methods import METHOD_NAMES, METHODS
 
 
 class ConfigError(ValueError):
@@ -132,6 +126,9 @@ class DataConfig:
         "Folder for derived files: hub images decoded once (vision/*.npz), the pretrained offline ViT "
         "(vit-fashion-mnist/) and the packaged GGUF causal LM dequantised once to safetensors (smollm2-*/); "
         "null = ~/.cache/fltac.", None)
+    token_cache: bool = _help(
+        "Keep tokenised texts in data.cache_dir/tokens/, keyed by a hash of the texts, the tokenizer and "
+        "max_length (any change gives a new entry), so a second run over the same data skips tokenisation.", True)
 
     def __post_init__(self):
         if self.scenario == "custom":
@@ -196,7 +193,7 @@ class TrainConfig:
     adapters_per_pass: int = _help(
         "Fast path: up to this many adapters (a round's jobs with the same number of steps, any clients) share "
         "every backbone pass, each with its own rows, dropout draws and AdamW state, so results equal training "
-        "them one by one up to float rounding (README, 'Performance'). Used when the method's clients run no "
+        "them one by one up to float rounding (docs/performance.md). Used when the method's clients run no "
         "hooks (fltac, fedit, centralized), the backbone has no dropout and reliability.client_timeout_s is "
         "null (one shared pass cannot time one client); otherwise, or with 1, adapters train one at a time.", 64)
     pass_tokens: int = _help(
@@ -233,7 +230,7 @@ class ServerConfig:
     kmeans_dims: Optional[int] = _help(
         "Project the flattened features to this many dimensions (seeded Gaussian random projection, which keeps "
         "distances within a small factor) before K-means: 10,000 adapters then cluster in seconds. null = K-means "
-        "on the full vectors (the paper's reading; fine for hundreds of adapters). See README, 'Performance'.", None)
+        "on the full vectors (the paper's reading; fine for hundreds of adapters). See docs/performance.md.", None)
 
     def __post_init__(self):
         _check(self.kmeans_dims is None or self.kmeans_dims >= 1, "server.kmeans_dims", "must be at least 1 or null")
@@ -350,7 +347,7 @@ class ReliabilityConfig:
 
 @dataclass(frozen=True)
 class HaflConfig:
-    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see README, "HAFL".
+    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see docs/hafl.md.
 
     Su, Yan, Deng, arXiv 2411.06581 v1. Options the paper does not settle are marked reconstructed.
     """
@@ -373,7 +370,7 @@ class HaflConfig:
                               "instead of EMA(|w g|) alone.", False)
     score_reduce: Literal["sum", "mean"] = _help(
         "How a component's score gathers its entries' sensitivities: sum over column i of B and row i of A (the "
-        "issue's reading) or mean over each plus mean over the other (reconstructed alternative).", "sum")
+        "default reading, docs/hafl.md) or mean over each plus mean over the other (reconstructed alternative).", "sum")
     weighting: Literal["samples", "samples_x_score"] = _help(
         "Weights of adaptive aggregation: n_k, or n_k x the client's score of that component (reconstructed "
         "option; adaptive aggregation only).", "samples")
@@ -424,7 +421,7 @@ class SAFedLoraConfig:
     does FedAvg. Then the backbone is frozen and an AdaLoRA adapter P diag(lambda) Q of rank rank_init per
     matrix is trained; the budget b(t) (rank-1 triplets over all matrices) falls from rank_init x n_matrices
     to target_rank x n_matrices along AdaLoRA's cubic schedule over the annealing rounds. The paper gives the
-    idea only; the formulas are reconstructed (see README, "SA-FedLoRA", and fltac.server.safedlora).
+    idea only; the formulas are reconstructed (see docs/safedlora.md and fltac.server.safedlora).
     """
 
     init_rounds: int = _help("Rounds of the initiating stage (proximal term, FedAvg); 0 = anneal from round 1.", 1)
@@ -459,13 +456,7 @@ class SAFedLoraConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: Literal["fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full"] = _help(
-        "fltac: one adapter per (client, task), K-means + FedAvg per cluster. fedit: one shared adapter per client, "
-        "FedAvg. centralized: pooled data, one adapter per task (upper bound). hafl: one adapter per client at its "
-        "own rank r_k <= R, importance-based truncation or freezing, rank-1 aggregation (section hafl). hetlora: "
-        "the baseline, first r_k components + zero-padded averaging. safedlora: SA-FedLoRA, an initiating stage "
-        "then an annealed SVD adapter (section safedlora). fedavg_full: FedAvg of full fine-tuning (fp32 backbone).",
-        "fltac")
+    method: Literal[METHOD_NAMES] = _help(" ".join(f"{m.name}: {m.summary}" for m in METHODS.values()), "fltac")
     model_name: str = _help("'minilm' (the packaged MiniLM-L6), a hub id, or a local folder.", "minilm")
     seed: int = _help("Seeds the partition (seed + task index), initial adapter, local batches, K-means, eval sample.", 42)
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
@@ -497,7 +488,7 @@ class RunConfig:
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.method in ("hafl", "hetlora"):
             self._check_hafl()
-        if self.method in BACKBONE_METHODS:
+        if METHODS[self.method].trains_backbone:
             self._check_safedlora()
 
     def _check_safedlora(self) -> None:
@@ -533,12 +524,12 @@ class RunConfig:
 
     @property
     def rank(self) -> int:
-        """The LoRA rank this run uses: ``lora.rank``, or the method's default."""
+        """The LoRA rank this run uses: ``lora.rank``, or the method's default (the registry's)."""
         if self.method == "safedlora":
             return self.safedlora.rank_init
         if self.method == "fedavg_full":
             return 0  # no adapter: the whole backbone is trained
-        return self.lora.rank if self.lora.rank is not None else DEFAULT_RANK[self.method]
+        return self.lora.rank if self.lora.rank is not None else METHODS[self.method].default_rank
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -567,12 +558,10 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` (a dataclass field annotation), or raise ConfigError naming ``key``."""
+    inner, optional = _optional_inner(tp)
+    if optional:
+        return None if value is None else _coerce(value, inner, key)
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -641,8 +630,56 @@ def _leaf_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     return out
 
 
+def _segments(dotted: str) -> list[str | int]:
+    """``"data.custom_tasks.0.label_column"`` -> ``["data", "custom_tasks", 0, "label_column"]``."""
+    return [int(s) if s.isdigit() else s for s in dotted.split(".")]
+
+
+def _optional_inner(tp: Any) -> tuple[Any, bool]:
+    """(``tp`` without ``Optional``, whether it was optional)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _path(dotted: str) -> list[tuple[str | int, Any, Any]]:
+    """Each step of ``dotted`` from RunConfig down: (name or list index, its annotation, its dataclass field, or
+    None for a list index). Raises ConfigError when no such key exists."""
+    steps, tp = [], RunConfig
+    for seg in _segments(dotted):
+        tp, _ = _optional_inner(tp)
+        here = ".".join(str(s) for s, _, _ in steps)
+        if isinstance(seg, int) and typing.get_origin(tp) is list:
+            steps.append((seg, typing.get_args(tp)[0], None))
+        elif isinstance(seg, str) and dataclasses.is_dataclass(tp):
+            fields = {f.name: f for f in dataclasses.fields(tp)}
+            if seg not in fields:
+                known = f" (known in '{here}': {', '.join(fields)})" if here else ""
+                raise ConfigError(f"unknown config key '{dotted}'{known}")
+            steps.append((seg, typing.get_type_hints(tp)[seg], fields[seg]))
+        elif typing.get_origin(tp) is list:
+            raise ConfigError(f"unknown config key '{dotted}': '{here}' is a list, so a number (its item index, "
+                              f"from 0) must follow it")
+        else:
+            raise ConfigError(f"unknown config key '{dotted}': '{here}' is a single value, not a section or a list")
+        tp = steps[-1][1]
+    return steps
+
+
 def resolve_key(key: str) -> str:
-    """Return the dotted path of ``key``: itself if dotted and known, or the unique leaf with that name."""
+    """Return the dotted path of ``key``: itself if dotted and known, or the unique leaf with that name.
+
+    A key may reach into a list by item index, from 0: ``lora.target_modules.1``,
+    ``data.custom_tasks.0.label_column`` (the part before the first index may be a bare name too).
+    """
+    segments = key.split(".")
+    first_index = next((i for i, s in enumerate(segments) if s.isdigit()), None)
+    if first_index is not None:
+        head = resolve_key(".".join(segments[:first_index])) if first_index else ""
+        dotted = ".".join([head, *segments[first_index:]])
+        _path(dotted)
+        return dotted
     leaves = _leaf_keys()
     if key in leaves:
         return key
@@ -654,14 +691,71 @@ def resolve_key(key: str) -> str:
     raise ConfigError(f"unknown config key '{key}'")
 
 
+def _default_list(fld: Any) -> list:
+    """A fresh copy of a list field's default (``[]`` for a null default or a list item)."""
+    if fld is None:
+        return []
+    if fld.default_factory is not dataclasses.MISSING:
+        return list(fld.default_factory())
+    return list(fld.default or []) if fld.default is not dataclasses.MISSING else []
+
+
 def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = mapping
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config section '{p}' must be a mapping")
-    node[leaf] = value
+    """Set ``dotted`` in a raw (YAML) config mapping, creating sections as needed.
+
+    A list index reaches into the list the mapping holds, or into a copy of the field's default when it
+    holds none (``lora.target_modules.1=key`` replaces ``value`` in ``[query, value]``); the index one past
+    the end appends an item.
+    """
+    steps = _path(dotted)
+    node: Any = mapping
+    for i, (seg, _, fld) in enumerate(steps):
+        parent = ".".join(str(s) for s, _, _ in steps[:i]) or "the config"
+        if isinstance(seg, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"config key '{parent}' must be a list to take '{dotted}'")
+            if seg > len(node):
+                raise ConfigError(f"config key '{dotted}': '{parent}' has {len(node)} item(s), so the index may be "
+                                  f"at most {len(node)} (which appends one)")
+            if seg == len(node):
+                node.append(None)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"config section '{parent}' must be a mapping")
+        if i == len(steps) - 1:
+            node[seg] = value
+            return
+        child = node[seg] if isinstance(seg, int) else node.get(seg)
+        if child is None:
+            child = _default_list(fld) if isinstance(steps[i + 1][0], int) else {}
+            node[seg] = child
+        node = child
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """What the config says about one key: its help text, default and (for a Literal) the values it takes."""
+
+    key: str
+    help: str
+    default: Any
+    choices: tuple | None  # None = any value of the type; an Optional Literal includes None
+    type_name: str         # int, float, str, bool, list
+
+
+def key_doc(dotted: str) -> KeyDoc:
+    """The :class:`KeyDoc` of a leaf key (``"train.lr"``), read from its dataclass field."""
+    _, tp, fld = _path(dotted)[-1]
+    inner, optional = _optional_inner(tp)
+    choices = None
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner) + ((None,) if optional else ())
+    if fld.default_factory is not dataclasses.MISSING:
+        default = fld.default_factory()
+    else:
+        default = None if fld.default is dataclasses.MISSING else fld.default
+    origin = typing.get_origin(inner)
+    type_name = "str" if origin is Literal else "list" if origin is list else getattr(inner, "__name__", str(inner))
+    return KeyDoc(dotted, fld.metadata.get("help", ""), default, choices, type_name)
 
 
 def read_value(key: str, raw: str) -> Any:

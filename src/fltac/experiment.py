@@ -8,16 +8,18 @@ prints, so the table a user inspects is the split ``fltac run`` trains on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fltac.client.train import Job, plan_jobs
-from fltac.config import BACKBONE_METHODS, RunConfig
+from fltac.config import RunConfig
 from fltac.data import LabelSpace, Task, load_tasks, modality_of
 from fltac.data.batches import TokenStore, build_store, eval_rows
 from fltac.data.partition import owner_clients, partition_all, partition_all_label_skew, partition_by_owner
 from fltac.eval.evaluate import Evaluator
+from fltac.methods import method_of
 from fltac.models.adapters import AdapterModel
 from fltac.models.staged import StagedModel
 from fltac.models.backbone import choose_attention, choose_dtype, default_device, load_backbone, set_threads
@@ -68,7 +70,8 @@ def build_model(cfg: RunConfig, space: LabelSpace):
     threads = set_threads(cfg.num_threads)
     device = default_device()
     dtype, dtype_note = choose_dtype(cfg.dtype, device)
-    if cfg.method in BACKBONE_METHODS:  # the backbone itself is trained: fp32 masters (README, "SA-FedLoRA")
+    trains_backbone = method_of(cfg.method).trains_backbone
+    if trains_backbone:  # the backbone itself is trained: fp32 masters (docs/safedlora.md)
         dtype, dtype_note = torch.float32, f"float32 (method {cfg.method} trains the backbone; {dtype_note})"
     attn = choose_attention(cfg.attn_implementation, dtype, device)
     causal_lm = modality_of(cfg.data) == "causal_lm"
@@ -85,7 +88,7 @@ def build_model(cfg: RunConfig, space: LabelSpace):
     else:
         base, tokenizer = load_backbone(cfg.model_name, space.n_outputs, dtype, attn, cfg.seed, cfg.backbone_dropout)
     torch.manual_seed(cfg.seed)
-    if cfg.method in BACKBONE_METHODS:
+    if trains_backbone:
         model = StagedModel(base, device, cfg.rank or None, cfg.lora.alpha, cfg.lora.dropout,
                             tuple(cfg.lora.target_modules), cfg.train.backbone_lr)
         initial = model.everything()  # the strategy takes its stage-1 state and its adapter from this
@@ -107,7 +110,14 @@ def build_rows(cfg: RunConfig, tokenizer, tasks: list[Task], space: LabelSpace, 
         from fltac.data.chat import build_lm_store
 
         return build_lm_store(tokenizer, tasks, cfg.data.max_length, split, rows_per_task)
-    return build_store(tokenizer, tasks, space, cfg.data.max_length, split, rows_per_task)
+    return build_store(tokenizer, tasks, space, cfg.data.max_length, split, rows_per_task, token_cache_folder(cfg))
+
+
+def token_cache_folder(cfg: RunConfig) -> Path | None:
+    """Where tokenised texts are cached (``data.token_cache``), or None."""
+    from fltac.data.vision import cache_root
+
+    return cache_root(cfg.data.cache_dir) / "tokens" if cfg.data.token_cache else None
 
 
 def build_experiment(cfg: RunConfig, tasks: list[Task] | None = None) -> Experiment:

@@ -13,17 +13,16 @@ the run's evaluation chose it), one folder named ``fedit`` for FedIT. Each holds
   (global output index -> ``"task/label"``, for this folder's tasks only). A task's prediction is the
   argmax over its own slice ``[offset, offset + len(labels))``, as fltac's evaluation scores it.
 
-Loading needs no fltac::
-
-    labels = json.load(open(f"{folder}/labels.json"))
-    base = AutoModelForSequenceClassification.from_pretrained(labels["backbone"], num_labels=labels["num_labels"])
-    model = PeftModel.from_pretrained(base, folder)
+- ``README.md``: what the folder is, and a runnable snippet (:data:`PEFT_SNIPPET`) that loads it and
+  predicts with peft and transformers alone, no fltac.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,13 @@ import torch
 
 from fltac import io
 from fltac.config import ConfigError, RunConfig, from_dict
+from fltac.methods import method_of, pooled_slots
 from fltac.models.adapters import PEFT_PREFIX
 from fltac.models.backbone import resolve_model_path
+from fltac.wire import job_key
 
 LABELS = "labels.json"
+USAGE = "README.md"
 #: Module names peft's sequence-classification wrapper adds to ``modules_to_save`` (the head).
 PEFT_HEAD_MODULES = ["classifier", "score"]
 
@@ -101,10 +103,12 @@ def serving_slots(run_dir: Path, cfg: RunConfig, task_names: list[str], round_: 
     recomputed the same way: the slot holding most of the task's training samples, by the latest cluster
     assignment of every (client, adapter) up to that round.
     """
-    if cfg.method == "fedit":
+    layout = method_of(cfg.method).layout
+    if layout == "shared":  # one global adapter serves every task
         return {name: 0 for name in task_names}
-    if cfg.method == "centralized":
-        return {name: i for i, name in enumerate(task_names)}
+    if layout == "pooled":
+        slot_of = pooled_slots(len(task_names))
+        return {name: slot_of[job_key(i)] for i, name in enumerate(task_names)}
     evals = [m for m in io.read_jsonl(run_dir / "metrics.jsonl") if m.get("phase") == "eval" and m["round"] == round_]
     if evals:
         return {m["task"]: int(m["slot"]) for m in evals}
@@ -140,18 +144,69 @@ def peft_config(cfg: RunConfig, base: str):
                           base_model_name_or_path=base, inference_mode=True)
 
 
+#: Loads an exported folder and predicts with peft and transformers alone (written into each folder's README.md,
+#: run by tests/test_export.py on a text longer than the backbone's positions).
+PEFT_SNIPPET = """\
+import json
+
+import torch
+import transformers
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+folder = FOLDER
+texts = ["Shares fell sharply after the bank's results"]
+labels = json.load(open(f"{folder}/labels.json"))
+# The backbone's checkpoint has no classification head, so transformers would report `classifier.weight |
+# MISSING ... newly initialized`: harmless, PeftModel.from_pretrained loads the trained head from the folder next.
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+base = AutoModelForSequenceClassification.from_pretrained(labels["backbone"], num_labels=labels["num_labels"])
+transformers.logging.set_verbosity_warning()
+model = PeftModel.from_pretrained(base, folder).eval()
+tokenizer = AutoTokenizer.from_pretrained(labels["backbone"])
+# Cut each text to the run's max_length tokens, as in training (a longer text overflows the backbone's positions).
+inputs = tokenizer(texts, truncation=True, max_length=labels["max_length"], padding=True, return_tensors="pt")
+with torch.inference_mode():
+    logits = model(**inputs).logits
+for task in labels["tasks"]:  # each task's prediction: the argmax over its own slice of the shared output layer
+    probs = logits[:, task["offset"]: task["offset"] + len(task["labels"])].softmax(-1)
+    for text, p in zip(texts, probs):
+        print(f"{task['name']}: {task['labels'][int(p.argmax())]} ({float(p.max()):.3f})\\t{text[:60]}")
+"""
+
+
+def usage_text(folder: Path, labels: dict) -> str:
+    """The README.md of an exported folder: what it holds, and how to predict with it, with and without fltac."""
+    tasks = ", ".join(f"{t['name']} ({', '.join(t['labels'])})" for t in labels["tasks"])
+    return (f"# fltac export: {folder.name}\n\n"
+            f"LoRA adapter and classification head exported by `fltac export` from the {labels['method']} run "
+            f"`{labels['run']}`, round {labels['round']}, in peft's format (`adapter_model.safetensors`, "
+            f"`adapter_config.json`; the head is a `modules_to_save` module), with `labels.json`. "
+            f"Backbone: `{labels['backbone']}`. Tasks: {tasks}.\n\n"
+            f"With fltac (label and probability per text; `--json` for one JSON object per text):\n\n"
+            f"```bash\nfltac predict --adapter {folder} \"some text\"\n```\n\n"
+            f"With peft and transformers alone:\n\n"
+            f"```python\n{PEFT_SNIPPET.replace('FOLDER', json.dumps(str(folder)))}```\n\n"
+            f"A task's prediction is the argmax over its own slice `[offset, offset + len(labels))` of the shared "
+            f"output layer (`labels.json`), as fltac scored it; texts longer than `max_length` "
+            f"({labels['max_length']}) tokens are cut, as in training.\n")
+
+
 def write_adapter(folder: Path, state: dict[str, torch.Tensor], cfg: RunConfig, labels: dict) -> None:
-    """One peft adapter folder: ``adapter_model.safetensors``, ``adapter_config.json``, ``labels.json``."""
+    """One peft adapter folder: ``adapter_model.safetensors``, ``adapter_config.json``, ``labels.json``, ``README.md``."""
     folder.mkdir(parents=True, exist_ok=True)
     io.save_tensors(folder / "adapter_model.safetensors", {PEFT_PREFIX + k: v for k, v in sorted(state.items())})
     peft_config(cfg, labels["backbone"]).save_pretrained(str(folder))
     io.write_json(folder / LABELS, labels)
+    (folder / USAGE).write_text(usage_text(folder, labels))
 
 
 def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) -> dict[str, Path]:
     """Write the global adapters of ``run_dir`` after ``round_`` (default: the last saved) under ``out``.
 
-    Returns ``{folder name: path}``: one per task (FL-TAC, centralized) or ``{"fedit": ...}``.
+    Returns ``{folder name: path}``: one per task, or one named after the method (FedIT; the registry's
+    ``export`` says which).
     """
     run_dir, out = Path(run_dir), Path(out)
     problem = io.folder_problem(out)
@@ -159,9 +214,10 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
         raise ExportError(f"--out {problem}")
     cfg = read_run_config(run_dir)
     check_run_files(run_dir)
-    if cfg.method in ("safedlora", "fedavg_full"):  # a trained backbone / an SVD adapter: not a peft LoRA folder
+    method = method_of(cfg.method)
+    if method.export is None:  # e.g. a trained backbone / an SVD adapter: not a peft LoRA folder
         raise ExportError(f"{run_dir} is a {cfg.method} run: export writes peft LoRA adapters and does not support "
-                          f"it yet; its global model is in {run_dir / 'checkpoint'} (see the README, SA-FedLoRA)")
+                          f"it yet; its global model is in {run_dir / 'checkpoint'} (see docs/safedlora.md)")
     rounds = run_rounds(run_dir)
     if not rounds:
         raise ExportError(f"{run_dir} holds no adapters/round_<t>.safetensors: has the run finished a round?")
@@ -174,7 +230,7 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     served = serving_slots(run_dir, cfg, names, round_)
     n_outputs = sum(len(t["labels"]) for t in tasks)
     base = backbone_path(cfg.model_name)
-    groups = {"fedit": tasks} if cfg.method == "fedit" else {t["name"]: [t] for t in tasks}
+    groups = {method.name: tasks} if method.export == "one" else {t["name"]: [t] for t in tasks}
     written = {}
     for folder_name, members in groups.items():
         slot = served[members[0]["name"]]
@@ -190,11 +246,31 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
 
 # ---- using an export ---------------------------------------------------------------------------------
 
+@contextmanager
+def head_report_silenced():
+    """transformers' warnings and progress bars off for one load, then as they were.
+
+    An export's backbone checkpoint has no classification head, so building it for sequence classification
+    makes transformers report ``classifier.weight | MISSING ... newly initialized``. Harmless: the trained
+    head is in the export and ``PeftModel.from_pretrained`` loads it right after.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_exported(folder: str | Path, backbone: str | None = None, dtype: torch.dtype = torch.float32):
     """(peft model in eval mode, tokenizer, labels.json) of an exported adapter folder."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     if not (folder / LABELS).is_file() or not (folder / "adapter_config.json").is_file():
@@ -204,11 +280,11 @@ def load_exported(folder: str | Path, backbone: str | None = None, dtype: torch.
     io.read_json(folder / "adapter_config.json", keys=("peft_type",))  # peft's own reader gives no file name
     io.load_tensors(folder / "adapter_model.safetensors")  # a truncated file: one line naming it
     path = backbone or labels["backbone"]
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels["num_labels"], dtype=dtype)
+        with head_report_silenced():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels["num_labels"],
+                                                                      dtype=dtype)
     except OSError as exc:
         raise ExportError(f"cannot load the backbone '{path}' named in {folder / LABELS}: "
                           f"{str(exc).splitlines()[0]} (pass --model to point at it)") from None
@@ -220,7 +296,8 @@ def load_exported(folder: str | Path, backbone: str | None = None, dtype: torch.
 
 @torch.inference_mode()
 def predict(folder: str | Path, texts: list[str], task: str | None = None, backbone: str | None = None) -> list[dict]:
-    """Per text ``{task: label}``: the argmax over each task's own output slice (only ``task`` if given)."""
+    """Per text ``{task: {"label", "probability", "probabilities": {label: p}}}``: the argmax over each task's
+    own output slice (only ``task`` if given), with the softmax over that slice."""
     served = io.read_json(Path(folder) / LABELS, keys=("tasks",))["tasks"] if (Path(folder) / LABELS).is_file() else []
     tasks = [t for t in served if task is None or t["name"] == task]
     if served and not tasks:
@@ -228,9 +305,12 @@ def predict(folder: str | Path, texts: list[str], task: str | None = None, backb
     model, tokenizer, labels = load_exported(folder, backbone)
     tasks = [t for t in labels["tasks"] if task is None or t["name"] == task]
     enc = tokenizer(texts, truncation=True, max_length=labels["max_length"], padding=True, return_tensors="pt")
-    logits = model(**enc).logits.float().numpy()
-    out = []
-    for row in logits:
-        out.append({t["name"]: t["labels"][int(np.argmax(row[t["offset"]: t["offset"] + len(t["labels"])]))]
-                    for t in tasks})
+    logits = model(**enc).logits.float()
+    out = [{} for _ in texts]
+    for t in tasks:
+        probs = logits[:, t["offset"]: t["offset"] + len(t["labels"])].softmax(-1).numpy()
+        for row, p in zip(out, probs):
+            best = int(np.argmax(p))
+            row[t["name"]] = {"label": t["labels"][best], "probability": round(float(p[best]), 6),
+                              "probabilities": {name: round(float(q), 6) for name, q in zip(t["labels"], p)}}
     return out

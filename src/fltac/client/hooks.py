@@ -1,6 +1,6 @@
 """Per-method terms of the one local loop, each a few lines: extra loss, after-backward, after-step.
 
-A strategy's :class:`~fltac.server.strategies.Broadcast` carries a plain ``config`` dict next to the
+A strategy's :class:`~fltac.wire.Broadcast` carries a plain ``config`` dict next to the
 start adapter; :func:`make_hooks` turns it into hooks, so the client never imports a strategy class
 (as Flower's FedProx sends ``proximal-mu`` in the round config). Hooks may leave results for the
 server in ``extras`` (tensors sent beside the adapter, e.g. importance scores).

@@ -25,22 +25,14 @@ from __future__ import annotations
 import torch
 
 from fltac.client.hooks import HOOKS, Hook
-
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-IDX = ".hafl_idx"
-SCORE = ".hafl_score"
-
-
-def lora_modules(keys) -> list[str]:
-    """Adapted module names (sorted) of the ``lora_A`` keys among ``keys``."""
-    return sorted(k[: -len(A_SUFFIX)] for k in keys if k.endswith(A_SUFFIX))
+from fltac.wire import A_SUFFIX, B_SUFFIX, HOOK_IMPORTANCE, HOOK_TRAIN_ONLY, IDX, SCORE, lora_modules
 
 
 def component_scores(entry_scores: dict[str, torch.Tensor], reduce: str = "sum") -> dict[str, torch.Tensor]:
     """Per module, the score of each rank-1 component from per-entry scores of its ``lora_A`` / ``lora_B``.
 
-    ``sum``: ``S_i = sum_j s(B_ji) + sum_j s(A_ij)``; ``mean``: the same with means (methods.md's reading).
+    ``sum``: ``S_i = sum_j s(B_ji) + sum_j s(A_ij)``; ``mean``: the same with means
+    (the reconstructed alternative, docs/hafl.md).
     """
     red = torch.sum if reduce == "sum" else torch.mean
     return {m: red(entry_scores[m + B_SUFFIX], dim=0) + red(entry_scores[m + A_SUFFIX], dim=1)
@@ -151,6 +143,6 @@ class TrainOnly(Hook):
         return {m + IDX: torch.tensor(idx, dtype=torch.int32) for m, idx in self.components.items()}
 
 
-HOOKS["hafl_importance"] = lambda value, start: ImportanceEMA(
+HOOKS[HOOK_IMPORTANCE] = lambda value, start: ImportanceEMA(
     value.get("beta", 0.85), value.get("uncertainty", False), value.get("reduce", "sum"), value.get("send"))
-HOOKS["hafl_train_only"] = lambda value, start: TrainOnly(value, start)
+HOOKS[HOOK_TRAIN_ONLY] = lambda value, start: TrainOnly(value, start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fltac.client.hooks import HOOKS, Hook
+from fltac.wire import HOOK_PROXIMAL
 
 
 class Proximal(Hook):
@@ -43,4 +44,4 @@ class Proximal(Hook):
         return 0.5 * self.mu * total
 
 
-HOOKS["proximal_mu"] = lambda value, start: Proximal(value, start)
+HOOKS[HOOK_PROXIMAL] = lambda value, start: Proximal(value, start)

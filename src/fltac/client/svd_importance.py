@@ -23,8 +23,7 @@ import torch
 
 from fltac.client.hooks import HOOKS, Hook
 from fltac.models.staged import INDEX, PARTS, matrices_of
-
-SCORE = "svd_score"
+from fltac.wire import HOOK_SVD_ANNEAL, SVD_SCORE
 
 
 def triplet_scores(s_a: torch.Tensor, s_e: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
@@ -102,8 +101,8 @@ class TripletImportance(Hook):
         return out
 
     def extras(self):
-        return {f"{m}.{SCORE}": s.to(torch.float32) for m, s in self.scores().items()}
+        return {f"{m}.{SVD_SCORE}": s.to(torch.float32) for m, s in self.scores().items()}
 
 
-HOOKS["svd_anneal"] = lambda value, start: TripletImportance(start, value.get("beta1", 0.85), value.get("beta2", 0.85),
+HOOKS[HOOK_SVD_ANNEAL] = lambda value, start: TripletImportance(start, value.get("beta1", 0.85), value.get("beta2", 0.85),
                                                              value.get("orth_reg", 0.1))

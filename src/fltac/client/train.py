@@ -1,22 +1,17 @@
 """Local training: the one loop every method's clients run, and the plan of what each client trains.
 
 A client never sees the server's strategy. It is handed a start adapter for each of its *jobs* and
-returns the trained adapter with its sample count. What a job is depends only on how the method
-organises a client's adapters (:func:`plan_jobs`):
+returns the trained adapter with its sample count. What a job is depends only on the method's job
+layout in the registry (:mod:`fltac.methods`: ``per_task``, ``shared`` or ``pooled``; :func:`plan_jobs`).
 
-- ``fltac``: one job per task the client holds (one adapter each), ``local_steps`` steps each;
-- ``fedit`` (and ``hafl``, ``hetlora``, ``safedlora``, ``fedavg_full``): one job over all its tasks
-  mixed (one shared adapter), ``local_steps x n_tasks`` steps, the same total as FL-TAC gives that client;
-- ``centralized``: one pooled client, one job per task with ``local_steps x (clients holding it)``
-  steps, the same total per task as the federated runs.
-
-Jobs carry an opaque key (``a0``, ``a1``, ...): the server never learns which task a job trained.
+Jobs carry an opaque key (:func:`fltac.wire.job_key`: ``a0``, ``a1``, ...): the server never learns which
+task a job trained.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +20,11 @@ from fltac.client.hooks import Hook
 from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
 from fltac.data.chat import LMBatch
+from fltac.methods import method_of, pooled_slots
 from fltac.models.adapters import AdapterModel
 from fltac.models.causal_lm import lm_loss, row_token_nll
 from fltac.models.bank import AdapterBank, Group
+from fltac.wire import job_key
 
 
 @dataclass(frozen=True)
@@ -43,27 +40,27 @@ class Job:
         return int(len(self.rows))
 
 
-#: Methods whose clients hold one adapter over all their data (FedIT's layout).
-ONE_ADAPTER_METHODS = ("fedit", "hafl", "hetlora", "safedlora", "fedavg_full")
-
-
 def plan_jobs(method: str, client_rows: list[list[np.ndarray]], local_steps: int) -> list[Job]:
-    """All jobs of all clients. ``client_rows[k][t]``: store rows of task ``t`` held by client ``k``."""
+    """All jobs of all clients, in ``method``'s job layout (:mod:`fltac.methods`).
+
+    ``client_rows[k][t]``: store rows of task ``t`` held by client ``k``.
+    """
     jobs = []
-    if method == "centralized":
-        n_tasks = len(client_rows[0])
-        for t in range(n_tasks):
+    layout = method_of(method).layout
+    if layout == "pooled":
+        for key, t in pooled_slots(len(client_rows[0])).items():
             holders = [rows[t] for rows in client_rows if len(rows[t])]
-            jobs.append(Job(0, f"a{t}", (t,), np.concatenate(holders), local_steps * len(holders)))
+            jobs.append(Job(0, key, (t,), np.concatenate(holders), local_steps * len(holders)))
         return jobs
     for k, rows in enumerate(client_rows):
         held = [t for t, r in enumerate(rows) if len(r)]
         if not held:
             continue
-        if method in ONE_ADAPTER_METHODS:
-            jobs.append(Job(k, "a0", tuple(held), np.concatenate([rows[t] for t in held]), local_steps * len(held)))
+        if layout == "shared":
+            jobs.append(Job(k, job_key(0), tuple(held), np.concatenate([rows[t] for t in held]),
+                            local_steps * len(held)))
         else:
-            jobs.extend(Job(k, f"a{i}", (t,), rows[t], local_steps) for i, t in enumerate(held))
+            jobs.extend(Job(k, job_key(i), (t,), rows[t], local_steps) for i, t in enumerate(held))
     return jobs
 
 
@@ -99,12 +96,23 @@ def job_seed(seed: int, round_: int, client: int, key: str) -> int:
     return int(np.random.SeedSequence([seed, round_, client, int(key[1:])]).generate_state(1)[0])
 
 
+#: Progress callback of the training functions: called after every optimizer step with the number of
+#: adapters that step advanced (1 alone; every adapter of the pass when adapters share passes).
+OnStep = Callable[[int], None]
+
+
+def _no_progress(n: int) -> None:
+    pass
+
+
 def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenStore, job: Job, cfg: TrainConfig,
-              seed: int, hooks: Sequence[Hook] = ()) -> tuple[dict[str, torch.Tensor], list[float], int]:
+              seed: int, hooks: Sequence[Hook] = (),
+              on_step: OnStep = _no_progress) -> tuple[dict[str, torch.Tensor], list[float], int]:
     """Train one adapter from ``start`` for ``job.steps`` AdamW steps; (adapter, per-step losses, tokens).
 
     A fresh optimizer per job and round, as in FedAvg-style clients: nothing of the optimizer persists.
     ``hooks`` add the method's own terms (see :mod:`fltac.client.hooks`); the logged loss is the task loss.
+    ``on_step(1)`` after every step (:data:`OnStep`).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -125,6 +133,7 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         tokens += batch.n_tokens
+        on_step(1)
     return model.state(), torch.stack(losses).tolist(), tokens
 
 
@@ -147,14 +156,14 @@ def micro_batches(widths: list[int], sizes: list[int], max_tokens: int) -> list[
 
 
 def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor]], store: TokenStore,
-                        jobs: list[Job], cfg: TrainConfig, seeds: list[int],
-                        max_tokens: int) -> list[tuple[dict[str, torch.Tensor], list[float], int]]:
+                        jobs: list[Job], cfg: TrainConfig, seeds: list[int], max_tokens: int,
+                        on_step: OnStep = _no_progress) -> list[tuple[dict[str, torch.Tensor], list[float], int]]:
     """:func:`train_job` for several jobs at once, sharing every backbone pass (:mod:`fltac.models.bank`).
 
     Each job keeps its own batches (its seed's generator), its own dropout draws and its own AdamW state,
     so the results equal one-by-one training up to float rounding. All jobs must take the same number of
     steps (an adapter outside a step would still be moved by AdamW's momentum). The methods whose clients
-    use hooks train one by one instead.
+    use hooks train one by one instead. ``on_step(len(jobs))`` after every shared step: each job advanced one.
     """
     steps = {job.steps for job in jobs}
     if len(steps) != 1:
@@ -184,14 +193,17 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
                     tokens[grp.adapter] += int(store.lengths[rows[grp.adapter]].sum())
             opt.step()
             opt.zero_grad(set_to_none=True)
+            on_step(len(jobs))
     return [(state, torch.stack(job_losses).tolist(), n_tok)
             for state, job_losses, n_tok in zip(bank.states(), losses, tokens)]
 
 
 def train_all_together(model: AdapterModel, store: TokenStore, jobs: list[Job], starts: dict, cfg: TrainConfig,
-                       seeds: dict) -> dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[float], int]]:
+                       seeds: dict, on_step: OnStep = _no_progress
+                       ) -> dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[float], int]]:
     """Every job of ``jobs`` trained by :func:`train_jobs_together`, in passes of up to ``cfg.adapters_per_pass``
-    jobs with equal step counts; keyed by (client, key). ``starts``/``seeds``: per (client, key)."""
+    jobs with equal step counts; keyed by (client, key). ``starts``/``seeds``: per (client, key). ``on_step``:
+    see :data:`OnStep`, so a progress bar over the round's adapter steps advances with every shared step."""
     by_steps: dict[int, list[Job]] = {}
     for job in jobs:
         by_steps.setdefault(job.steps, []).append(job)
@@ -201,6 +213,6 @@ def train_all_together(model: AdapterModel, store: TokenStore, jobs: list[Job], 
             chunk = same[i: i + cfg.adapters_per_pass]
             ids = [(j.client, j.key) for j in chunk]
             results = train_jobs_together(model, [starts[k] for k in ids], store, chunk, cfg,
-                                          [seeds[k] for k in ids], cfg.pass_tokens)
+                                          [seeds[k] for k in ids], cfg.pass_tokens, on_step)
             out.update(zip(ids, results))
     return out

@@ -9,11 +9,13 @@ data is just a list of row numbers, whatever mix of tasks it holds. A batch is c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from fltac.data import token_cache
 from fltac.data.tasks import LabelSpace, Task
 
 #: Characters kept before tokenising: a token is never shorter than one character and words rarely
@@ -109,11 +111,13 @@ def tokenize(tokenizer, texts: list, max_length: int) -> tuple[np.ndarray, np.nd
 
 
 def build_store(tokenizer, tasks: list[Task], space: LabelSpace, max_length: int, split: str,
-                rows_per_task: list[np.ndarray] | None = None) -> tuple[TokenStore, list[np.ndarray]]:
+                rows_per_task: list[np.ndarray] | None = None,
+                cache: Path | None = None) -> tuple[TokenStore, list[np.ndarray]]:
     """Tokenise ``split`` ('train' or 'test') of every task into one store.
 
     Returns the store and, per task, the store row of each of that task's selected rows (all rows,
-    or ``rows_per_task[t]``), so task-local indices (the partition's) map to store rows.
+    or ``rows_per_task[t]``), so task-local indices (the partition's) map to store rows. ``cache``: a
+    folder of tokenised texts keyed by their inputs (:mod:`fltac.data.token_cache`); None tokenises afresh.
     """
     all_ids, all_len, all_types, all_lab, all_task, index = [], [], [], [], [], []
     start = 0
@@ -121,7 +125,8 @@ def build_store(tokenizer, tasks: list[Task], space: LabelSpace, max_length: int
         texts = task.train_texts if split == "train" else task.test_texts
         labels = task.train_labels if split == "train" else task.test_labels
         rows = np.arange(len(texts)) if rows_per_task is None else np.asarray(rows_per_task[t])
-        ids, lengths, types = tokenize(tokenizer, [texts[i] for i in rows], max_length)
+        ids, lengths, types = token_cache.cached(tokenize, tokenizer, [texts[i] for i in rows], max_length, cache,
+                                                 salt=f"chars_per_token_bound={CHARS_PER_TOKEN_BOUND}")
         all_ids.append(ids)
         all_len.append(lengths)
         all_types.append(types)

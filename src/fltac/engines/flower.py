@@ -1,11 +1,12 @@
 """The Flower engine: the in-process engine's round loop, with clients reached through Flower (flwr >= 1.42).
 
 This is fltac's only ``flwr`` import. It carries messages and nothing else: the strategy (``configure``,
-``aggregate``), the client's training (:func:`fltac.engines.inprocess.train_client`), the screening,
-evaluation, metrics, checkpoints and summary are the very code the in-process engine runs.
-:class:`FlowerEngine` subclasses :class:`~fltac.engines.inprocess.InProcessEngine` and replaces one step,
-"send each sampled client its broadcasts and collect its submissions", with a Message exchange over a
-Flower ``Grid``; so metrics.jsonl, cluster_assignments.jsonl and summary.json have the same form.
+``expected_spec``, ``aggregate``), the client's training (:func:`fltac.client.round.train_client`), the
+screening, evaluation, metrics, checkpoints and summary are the very code the in-process engine runs.
+:class:`FlowerEngine` subclasses :class:`~fltac.engines.inprocess.InProcessEngine` and replaces its
+transport (:class:`FlowerTransport`): "carry each sampled client its broadcasts and bring back its result"
+becomes a Message exchange over a Flower ``Grid``; so metrics.jsonl, cluster_assignments.jsonl and
+summary.json have the same form.
 
 Messages (Flower Message API; one message per sampled client and round)
 ----------------------------------------------------------------------
@@ -49,9 +50,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fltac.client.round import ClientResult, train_client
 from fltac.config import RunConfig, from_dict, load_config
-from fltac.engines.inprocess import ClientResult, InProcessEngine, RunError, check_enough_sampled, sent_part, train_client
-from fltac.server.strategies import Submission
+from fltac.engines.inprocess import Delivery, InProcessEngine, RunError
+from fltac.methods import method_of
+from fltac.wire import Broadcast, Upload
 
 #: Seconds a train round waits beyond ``reliability.client_timeout_s`` for a reply (transport, process start).
 TRANSPORT_SLACK_S = 60.0
@@ -61,7 +64,7 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
-# ---- codec: Broadcast / Submission <-> records -------------------------------------------------------
+# ---- codec: Broadcast / ClientResult <-> records -----------------------------------------------------
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().contiguous()) for k, v in state.items()})
@@ -90,8 +93,6 @@ def encode_broadcasts(round_: int, broadcasts: dict) -> tuple[RecordDict, dict[i
 
 def decode_broadcasts(content: RecordDict) -> tuple[int, dict]:
     """(round, {key: Broadcast}) from a train message; keys sharing an adapter share one state dict."""
-    from fltac.server.strategies import Broadcast
-
     cfg = content.config_records["config"]
     hooks = json.loads(cfg["hooks"])
     states = {}
@@ -102,12 +103,12 @@ def decode_broadcasts(content: RecordDict) -> tuple[int, dict]:
 
 def encode_result(result: ClientResult) -> RecordDict:
     content = RecordDict({"result": ConfigRecord({
-        "keys": [u[0] for u in result.uploads], "num_examples": [int(u[2]) for u in result.uploads],
+        "keys": [u.key for u in result.uploads], "num_examples": [int(u.num_examples) for u in result.uploads],
         "tokens": int(result.tokens), "failed": bool(result.failed), "records": json.dumps(result.records)})})
-    for key, state, _, extras in result.uploads:
-        content[f"adapter.{key}"] = to_record(state)
-        if extras:
-            content[f"extras.{key}"] = to_record(extras)
+    for u in result.uploads:
+        content[f"adapter.{u.key}"] = to_record(u.state)
+        if u.extras:
+            content[f"extras.{u.key}"] = to_record(u.extras)
     return content
 
 
@@ -118,7 +119,7 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     result = ClientResult(json.loads(cfg["records"]), [], int(cfg["tokens"]), bool(cfg["failed"]))
     for key, n in zip(cfg["keys"], cfg["num_examples"]):
         extras = from_record(arrays[f"extras.{key}"]) if f"extras.{key}" in arrays else {}
-        result.uploads.append((key, from_record(arrays[f"adapter.{key}"]), int(n), extras))
+        result.uploads.append(Upload(key, from_record(arrays[f"adapter.{key}"]), int(n), extras))
     return result, sum(rec.count_bytes() for rec in arrays.values())
 
 
@@ -139,13 +140,11 @@ class FlowerEngine(InProcessEngine):
 
     def __init__(self, cfg: RunConfig, grid: Grid, node_wait_s: float = 300.0, **kwargs):
         super().__init__(cfg, **kwargs)
-        if cfg.method == "centralized":
-            raise RunError("method 'centralized' pools all data in one process: run it with --engine inprocess")
+        refuse_unsupported(cfg)
         self.grid = grid
         self.node_wait_s = node_wait_s
         self.node_of: dict[int, int] = {}      # partition id (client) -> Flower node id
         self.reported: dict[int, dict] = {}    # client -> {key: num_examples}, as the node reported it
-        self._uplink = 0
 
     def run(self) -> dict:
         self.discover()
@@ -183,57 +182,62 @@ class FlowerEngine(InProcessEngine):
         self.log(f"[fltac] flower: {n} node(s) connected: " +
                  ", ".join(f"client {c} -> node {self.node_of[c]}" for c in sorted(self.node_of)))
 
-    def run_round(self, exp, r):
-        metrics, clusters, info = super().run_round(exp, r)
-        info["uplink_bytes"] = self._uplink  # what crossed the wire, not the server's view of the adapters
-        return metrics, clusters, info
+    def make_transport(self, exp) -> "FlowerTransport":
+        return FlowerTransport(self)
 
-    def _run_clients(self, exp, r, jobs, n_sampled, metrics, sent, bar):
-        """Send each sampled client its broadcasts in one message; collect the replies as submissions."""
-        rel = self.cfg.reliability
-        check_enough_sampled(rel, n_sampled)
-        by_client: dict[int, list] = {}
-        for job in jobs:
-            by_client.setdefault(job.client, []).append(job)
-        expected, broadcasts_of, msgs = {}, {}, {}
-        for client, cjobs in by_client.items():
+
+class FlowerTransport:
+    """The round's broadcasts as one Flower ``train`` message per sampled client; replies decoded as results.
+
+    A client whose node reported other data than the server planned stops the run; one whose reply is an
+    error ('crash') or does not come within ``reliability.client_timeout_s`` + :data:`TRANSPORT_SLACK_S`
+    ('timeout') is dropped for the round: its result holds one 'dropped' line per adapter.
+    """
+
+    def __init__(self, engine: FlowerEngine):
+        self.engine = engine
+
+    def exchange(self, round_, jobs_of, broadcasts, bar) -> Delivery:
+        eng, r = self.engine, round_
+        rel = eng.cfg.reliability
+        msgs, down = {}, 0
+        for client, cjobs in jobs_of.items():
             reported = {j.key: j.num_examples for j in cjobs}
-            if any(self.reported[client].get(k) != v for k, v in reported.items()):
+            if any(eng.reported[client].get(k) != v for k, v in reported.items()):
                 raise RunError(f"client {client}'s node holds other data than the server planned "
-                               f"({self.reported[client]} vs {reported}): do all machines have the same task files?")
-            bs = {j.key: exp.strategy.configure(r, client, j.key) for j in cjobs}
-            broadcasts_of[client] = bs
-            for key, b in bs.items():
-                expected[(client, key)] = exp.strategy.expected_spec(client, key, b)
-            content, sizes = encode_broadcasts(r, bs)
-            sent[client] = sizes
-            msgs[client] = Message(content, dst_node_id=self.node_of[client], message_type="train")
+                               f"({eng.reported[client]} vs {reported}): do all machines have the same task files?")
+            content, sizes = encode_broadcasts(r, broadcasts[client])
+            down += sum(sizes.values())
+            msgs[client] = Message(content, dst_node_id=eng.node_of[client], message_type="train")
         limit = None if rel.client_timeout_s is None else rel.client_timeout_s + TRANSPORT_SLACK_S
-        replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=limit))
+        replies = list(eng.grid.send_and_receive(list(msgs.values()), timeout=limit))
         client_of = {m.metadata.message_id: c for c, m in msgs.items()}  # error replies come from the SuperLink
         got = {client_of[rep.metadata.reply_to_message_id]: rep for rep in replies
                if rep.metadata.reply_to_message_id in client_of}
-        subs, tokens, self._uplink = [], 0, 0
-        for client, cjobs in by_client.items():
+        results, up = {}, 0
+        for client, cjobs in jobs_of.items():
             rep = got.get(client)
             if rep is None or rep.has_error():
                 if rep is None:
-                    kind, reason = "timeout", f"timeout: no reply from node {self.node_of[client]} within {limit:g} s"
+                    kind, reason = "timeout", f"timeout: no reply from node {eng.node_of[client]} within {limit:g} s"
                 else:
                     last = rep.error.reason.strip().splitlines()[-1] if rep.error.reason else ""
                     kind, reason = "crash", f"crash: flower error {rep.error.code}: {last}"
-                bar.step(len(cjobs), note=f"client {client} dropped")
-                metrics.extend({"phase": "dropped", "round": r, "client": client, "key": j.key, "kind": kind,
-                                "reason": reason} for j in cjobs)
+                bar.step(sum(j.steps for j in cjobs), note=f"client {client} dropped")
+                results[client] = ClientResult([{"phase": "dropped", "round": r, "client": client, "key": j.key,
+                                                 "kind": kind, "reason": reason} for j in cjobs], failed=True)
                 continue
-            result, wire = decode_result(rep.content)
-            self._uplink += wire
-            metrics.extend(result.records)
-            tokens += result.tokens
-            bar.step(len(cjobs), note=f"client {client}")
-            subs.extend(Submission(client, key, state, n, sent_part(broadcasts_of[client][key]), extras)
-                        for key, state, n, extras in result.uploads)
-        return subs, tokens, expected
+            results[client], wire = decode_result(rep.content)
+            up += wire
+            bar.step(sum(j.steps for j in cjobs), note=f"client {client}")
+        return Delivery(results, down, up)
+
+
+def refuse_unsupported(cfg: RunConfig) -> None:
+    """Stop a run whose method the registry does not allow on Flower (before any node is started)."""
+    problem = method_of(cfg.method).engine_problem("flower")
+    if problem:
+        raise RunError(problem)
 
 
 def make_server_app(cfg: RunConfig, outcome: dict | None = None, **engine_kwargs) -> ServerApp:
@@ -358,8 +362,7 @@ def run_simulation(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     ``num_cpus``: CPUs given to each ClientApp actor (default: all of them, i.e. one actor, which trains
     clients one after another as the in-process engine does).
     """
-    if cfg.method == "centralized":
-        raise RunError("method 'centralized' pools all data in one process: run it with --engine inprocess")
+    refuse_unsupported(cfg)
     InProcessEngine(cfg, resume=resume, overwrite=overwrite, quiet=True).check_output()  # before Ray starts
     for k, v in FLOWER_ENV.items():
         os.environ.setdefault(k, v)

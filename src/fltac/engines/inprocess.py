@@ -1,8 +1,11 @@
 """The embedded engine: every client trained in turn on one shared backbone, in this process.
 
-One round: sample clients -> for each job, the strategy names its start adapter, the client trains it
--> the strategy aggregates -> evaluate when due -> write metrics, adapters and a checkpoint. The loop
-knows no method: methods differ only in their jobs (client side) and strategy (server side).
+One round: sample clients -> for each job, the strategy names its start adapter (``configure``) and the
+layout of the reply (``expected_spec``) -> the engine's transport carries the broadcasts to the clients and
+brings back their results (:class:`Transport`: :class:`InProcessTransport` here, the Flower one in
+:mod:`fltac.engines.flower`) -> screening -> the strategy aggregates -> evaluate when due -> write metrics,
+adapters and a checkpoint. The loop knows no method: methods differ only in their jobs (client side, the
+registry's layout, :mod:`fltac.methods`) and strategy (server side, which also reports its clusters).
 
 Resume contract: at the end of every round, ``checkpoint/`` gets the strategy's state (global
 adapters, the cluster of every (client, key), whatever else the method learned), the process's RNG
@@ -25,24 +28,24 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 import numpy as np
 
 from fltac import io, rng
-from fltac.client.hooks import make_hooks
-from fltac.client.train import job_seed, train_all_together, train_job
+from fltac.client.round import ClientResult, sent_part, train_client
+from fltac.client.train import job_seed, train_all_together
 from fltac.config import ConfigError, RunConfig, from_dict
 from fltac.data import load_tasks
-from fltac.engines.faults import required_clients, run_client, tamper
+from fltac.engines.faults import required_clients
 from fltac.eval.progress import Progress, eta, format_seconds
 from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import AdapterModel, state_bytes
 from fltac.models.backbone import cpu_model, model_folder_problem
-from fltac.server.aggregate import clustering_scores
 from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
-from fltac.server.strategies import Submission
+from fltac.wire import Broadcast, Submission
 
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
@@ -51,7 +54,9 @@ LATEST = "latest.json"  # the checkpoint's pointer: round, tensors file, strateg
 #: The marker a run writes first into output_dir (its run id): only a folder that carries it is ever
 #: cleared (--overwrite) or continued (--resume); a non-empty folder without it is refused.
 MARKER = "fltac-run.json"
-TASKS = "tasks.json"  # per task: name, label names, offset in the shared output layer (for export)
+#: Per task: name, label names, offset in the shared output layer (for export), the majority-class accuracy of
+#: the test sample (for the report).
+TASKS = "tasks.json"
 GENERATIONS = "generations.jsonl"  # causal LM, last round: per judged pair, prompt, reference, prediction, score
 #: What a run writes into output_dir besides its marker; all of it is removed by --overwrite, nothing else is.
 RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard",
@@ -69,8 +74,9 @@ class TooFewClients(RunError):
 
 
 def sample_clients(cfg: RunConfig, round_: int, clients: list[int]) -> list[int]:
-    """Clients trained in ``round_``: all, or a seeded sample of ``fraction_fit`` of them (at least one)."""
-    if cfg.train.fraction_fit >= 1.0 or cfg.method == "centralized":
+    """Clients trained in ``round_``: all, or a seeded sample of ``fraction_fit`` of them (at least one; so
+    a run with one client, e.g. the pooled one, trains it every round)."""
+    if cfg.train.fraction_fit >= 1.0:
         return clients
     m = max(1, int(round(cfg.train.fraction_fit * len(clients))))
     rng = np.random.default_rng([cfg.seed, round_])
@@ -113,84 +119,26 @@ def _remove_stale_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+# ---- the transport seam: broadcasts out, client results back -------------------------------------------
+
 @dataclass
-class ClientResult:
-    """One client's round, as its side sees it: what goes into metrics.jsonl and what it uploads.
+class Delivery:
+    """What a transport brings back from one round: each sampled client's result (a failed client's says
+    so and holds its 'dropped' lines) and the bytes that crossed the wire each way."""
 
-    ``records``: its local losses, injected faults and (if it failed) one 'dropped' line per adapter, in
-    the order the engine logs them. ``uploads``: ``(key, adapter, num_examples, extras)`` per adapter it
-    sends; empty when it failed.
-    """
-
-    records: list[dict] = field(default_factory=list)
-    uploads: list[tuple] = field(default_factory=list)
-    tokens: int = 0
-    failed: bool = False
+    results: dict[int, ClientResult]
+    downlink_bytes: int
+    uplink_bytes: int
 
 
-class _NoBar:
-    def step(self, n: int = 1, note: str = "") -> None:
-        pass
+class Transport(Protocol):
+    """Carries a round's broadcasts to the clients and their results back; knows no method and no strategy."""
 
-
-def sent_part(b) -> dict:
-    """The part of the broadcast adapter that matches what the client uploads (HAFL: a slice), i.e. the
-    start of the update the server screens and merges: ``b.state`` through every hook's ``outgoing``."""
-    start = b.state
-    for h in make_hooks(b.config, b.state):
-        start = h.outgoing(start)
-    return start
-
-
-def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list, broadcasts: dict,
-                 task_names: list[str], bar=None, trained: dict | None = None) -> ClientResult:
-    """Train one client's jobs of round ``r`` from its broadcasts, under its injected faults and time limit.
-
-    The client side of a round, shared by every engine: the in-process engine calls it for each client
-    in turn on its one model; the Flower ClientApp calls it on the SuperNode's own model and data
-    (:mod:`fltac.engines.flower`). A client that raises or runs late is dropped whole for the round
-    (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
-    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
-    keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
-    """
-    rel, bar = cfg.reliability, bar or _NoBar()
-    out = ClientResult()
-
-    def train(job):
-        b = broadcasts[job.key]
-        hooks = make_hooks(b.config, b.state)
-        if trained is not None and (job.client, job.key) in trained:
-            state, losses, n_tok = trained[(job.client, job.key)]
-        else:
-            state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
-                                             job_seed(cfg.seed, r, job.client, job.key), hooks)
-        for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
-            state = h.outgoing(state)
-        bar.step(note=f"client {job.client}")
-        return state, losses, n_tok, {k: v for h in hooks for k, v in h.extras().items()}
-
-    outcome = run_client(client, cjobs, train, rel, cfg.seed, r)
-    if outcome.injected is not None:
-        out.records.append({"phase": "injected", "round": r, "client": client,
-                            "key": cjobs[outcome.injected.at].key, "fault": outcome.injected.kind})
-    for job, (state, losses, n_tok, extras) in outcome.done:
-        out.tokens += n_tok
-        task = "+".join(task_names[t] for t in job.tasks)
-        out.records.extend({"phase": "local", "round": r, "client": job.client, "key": job.key, "task": task,
-                            "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
-                           for i, loss in enumerate(losses))
-    if outcome.kind is not None:
-        bar.step(len(cjobs) - len(outcome.done), note=f"client {client} dropped")
-        out.records.extend({"phase": "dropped", "round": r, "client": client, "key": j.key,
-                            "kind": outcome.kind, "reason": outcome.reason} for j in cjobs)
-        out.failed = True
-        return out
-    for job, (state, losses, n_tok, extras) in outcome.done:
-        state, notes = tamper(rel, cfg.seed, r, client, job.key, state)
-        out.records.extend({"phase": "injected", "round": r, "client": client, "key": job.key, "fault": note}
-                           for note in notes)
-        out.uploads.append((job.key, state, job.num_examples, extras))
-    return out
+    def exchange(self, round_: int, jobs_of: dict[int, list], broadcasts: dict[int, dict[str, Broadcast]],
+                 bar) -> Delivery:
+        """Deliver ``broadcasts[client][key]`` to every client of ``jobs_of`` (its jobs of the round, in
+        order) and return what each sent back; ``bar`` steps once per adapter step trained or dropped."""
+        ...
 
 
 def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
@@ -203,6 +151,33 @@ def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
     return (cfg.train.adapters_per_pass > 1 and isinstance(model, AdapterModel)
             and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM") and cfg.backbone_dropout == 0.0
             and cfg.reliability.client_timeout_s is None and not any(b.config for b in broadcasts))
+
+
+class InProcessTransport:
+    """Every client trained in turn in this process, on the engine's one model and store (the broadcast
+    states are the server's own tensors: nothing is copied)."""
+
+    def __init__(self, cfg: RunConfig, model, store, task_names: list[str]):
+        self.cfg, self.model, self.store, self.task_names = cfg, model, store, task_names
+
+    def exchange(self, round_, jobs_of, broadcasts, bar) -> Delivery:
+        cfg, r = self.cfg, round_
+        jobs = [j for cjobs in jobs_of.values() for j in cjobs]
+        trained = None
+        if trains_together(self.model, cfg, [b for per in broadcasts.values() for b in per.values()]):
+            trained = train_all_together(self.model, self.store, jobs,
+                                         {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
+                                         cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
+                                                     for j in jobs},
+                                         lambda n: bar.step(n, note=f"{n} adapters per pass"))
+        results, down = {}, 0
+        for client, cjobs in jobs_of.items():
+            distinct = {id(b.state): b.state for b in broadcasts[client].values()}  # a shared slot is sent once
+            down += sum(state_bytes(state) for state in distinct.values())
+            results[client] = train_client(self.model, self.store, cfg, r, client, cjobs, broadcasts[client],
+                                           self.task_names, bar, trained)
+        up = sum(state_bytes(u.state) + state_bytes(u.extras) for res in results.values() for u in res.uploads)
+        return Delivery(results, down, up)
 
 
 def check_enough_sampled(rel, n_sampled: int) -> None:
@@ -226,6 +201,10 @@ class InProcessEngine:
         self.norm_reference: float | None = None  # the last accepted round's reference update norm (screening)
         self.run_id = uuid.uuid4().hex  # written to the folder's marker; a resume keeps the folder's
         self.file_hashes: dict[str, str] = {}  # adapters/round_<t>.safetensors -> SHA-256, for the checkpoint
+
+    def make_transport(self, exp: Experiment) -> Transport:
+        """How this engine reaches its clients: in this process, on the experiment's model and data."""
+        return InProcessTransport(self.cfg, exp.model, exp.train_store, exp.task_names)
 
     def progress(self, label: str, total: int) -> Progress:
         return Progress(label, total, enabled=not self.quiet)
@@ -342,6 +321,7 @@ class InProcessEngine:
         tasks = self.tasks if self.tasks is not None else load_tasks(cfg.data)  # data problems before any write
         self._claim_output(ckpt)
         exp = build_experiment(cfg, tasks)
+        self.transport = self.make_transport(exp)
         self.log(f"[fltac] method {cfg.method}, {len(exp.tasks)} tasks, {cfg.partition.n_clients} clients, "
                  f"{len(exp.jobs)} adapters trained per round, rank {cfg.rank}")
         self.log(f"[fltac] dtype {exp.dtype_note}; attention {exp.attn}; {exp.threads} threads; CPU {cpu_model()}")
@@ -362,8 +342,8 @@ class InProcessEngine:
             self.log(f"[fltac] resuming {self.out} after round {ckpt['round']}")
         io.write_json(self.out / "config.json", cfg.to_dict())
         io.write_json(self.out / TASKS, [{"name": t.name, "offset": exp.space.offsets[i], "labels": t.labels,
-                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts)}
-                                         for i, t in enumerate(exp.tasks)])
+                                          "n_train": len(t.train_texts), "n_test": len(t.test_texts),
+                                          **self.baselines(exp, i)} for i, t in enumerate(exp.tasks)])
         if "tensorboard" in self.sinks:
             from fltac.eval.tensorboard import TensorBoardSink
 
@@ -409,72 +389,56 @@ class InProcessEngine:
         cfg = self.cfg
         clients = sample_clients(cfg, r, sorted({j.client for j in exp.jobs}))
         jobs = [j for j in exp.jobs if j.client in set(clients)]
-        metrics, sent = [], {}
+        metrics = []
         t_train = time.perf_counter()
         starts = {(j.client, j.key): exp.strategy.assignment_.get((j.client, j.key)) for j in jobs}
-        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapters trained", len(jobs))
-        received, tokens, expected = self._run_clients(exp, r, jobs, len(clients), metrics, sent, bar)
+        # counted in adapter steps, not adapters: adapters sharing passes all advance together (fast path)
+        bar = self.progress(f"round {r}/{cfg.train.rounds}: adapter steps trained", sum(j.steps for j in jobs))
+        received, expected, delivery = self._run_clients(exp, r, jobs, len(clients), metrics, bar)
         bar.close()
         train_seconds = time.perf_counter() - t_train
         subs, bound = self._screen(r, len(clients), received, expected, metrics)
         assigned = exp.strategy.aggregate(r, subs)
-        if cfg.method == "fltac" and r in (1, cfg.train.rounds):
+        clusters = exp.strategy.cluster_records(r, assigned, jobs, exp.task_names)
+        if clusters and r in (1, cfg.train.rounds):
             self._save_submissions(exp, r, subs, starts)
-        clusters = []
-        if cfg.method == "fltac":
-            rows = [{"client": j.client, "key": j.key, "task": exp.task_names[j.tasks[0]],
-                     "cluster": assigned[(j.client, j.key)], "n": j.num_examples}
-                    for j in jobs if (j.client, j.key) in assigned]
-            scores = clustering_scores([j.tasks[0] for j in jobs if (j.client, j.key) in assigned],
-                                       [row["cluster"] for row in rows])
-            clusters.append({"round": r, "assignments": rows, **scores})
         local = [m for m in metrics if m["phase"] == "local"]
         info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(received),
                 "accepted": len(subs), "dropped": len(jobs) - len(subs), "norm_bound": bound,
-                "uplink_bytes": sum(state_bytes(s.state) + state_bytes(s.extras) for s in received),
-                "downlink_bytes": sum(sum(per.values()) for per in sent.values()),
-                "train_tokens": tokens, "train_seconds": round(train_seconds, 3),
+                "uplink_bytes": delivery.uplink_bytes, "downlink_bytes": delivery.downlink_bytes,
+                "train_tokens": sum(res.tokens for res in delivery.results.values()),
+                "train_seconds": round(train_seconds, 3),
                 "mean_local_loss": float(np.mean([m["loss"] for m in local])) if local else None}
         if clusters:
             info.update({k: clusters[0][k] for k in ("clustering_accuracy", "ari", "nmi")})
         info.update(exp.strategy.round_metrics())
         return metrics, clusters, info
 
-    def _run_clients(self, exp: Experiment, r: int, jobs: list, n_sampled: int, metrics: list[dict], sent: dict,
-                     bar) -> tuple[list[Submission], int, dict]:
-        """Train the sampled clients' jobs, client by client, each under its injected faults and time limit.
+    def _run_clients(self, exp: Experiment, r: int, jobs: list, n_sampled: int, metrics: list[dict],
+                     bar) -> tuple[list[Submission], dict, Delivery]:
+        """One exchange with the sampled clients through the engine's transport.
 
-        Returns (the submissions the server received, tokens trained, the layout each (client, key) must
-        send). Local losses, injected faults and failed clients are appended to ``metrics``; the bytes each
-        client was sent go into ``sent``. A client that raises or runs late is dropped whole for the round
-        (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
+        The strategy is asked once per job for its broadcast (``configure``) and for the layout the reply
+        must have (``expected_spec``); the transport carries the broadcasts and brings back each client's
+        result. Returns (the submissions the server received, the layout each (client, key) must send, the
+        delivery). Local losses, injected faults and failed clients are appended to ``metrics``.
         """
-        cfg, rel = self.cfg, self.cfg.reliability
-        check_enough_sampled(rel, n_sampled)
-        by_client: dict[int, list] = {}
+        check_enough_sampled(self.cfg.reliability, n_sampled)
+        jobs_of: dict[int, list] = {}
         for job in jobs:
-            by_client.setdefault(job.client, []).append(job)
-        subs, tokens, expected = [], 0, {}
+            jobs_of.setdefault(job.client, []).append(job)
         broadcasts = {client: {j.key: exp.strategy.configure(r, client, j.key) for j in cjobs}
-                      for client, cjobs in by_client.items()}
-        trained = None
-        if trains_together(exp.model, cfg, [b for per in broadcasts.values() for b in per.values()]):
-            trained = train_all_together(exp.model, exp.train_store, jobs,
-                                         {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
-                                         cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
-                                                     for j in jobs})
-        for client, cjobs in by_client.items():
-            for key, b in broadcasts[client].items():
-                sent.setdefault(client, {})[id(b.state)] = state_bytes(b.state)
-                expected[(client, key)] = exp.strategy.expected_spec(client, key, b)
-
-            result = train_client(exp.model, exp.train_store, cfg, r, client, cjobs, broadcasts[client],
-                                  exp.task_names, bar, trained)
+                      for client, cjobs in jobs_of.items()}
+        expected = {(client, key): exp.strategy.expected_spec(client, key, b)
+                    for client, per in broadcasts.items() for key, b in per.items()}
+        delivery = self.transport.exchange(r, jobs_of, broadcasts, bar)
+        subs = []
+        for client in jobs_of:
+            result = delivery.results[client]
             metrics.extend(result.records)
-            tokens += result.tokens
-            subs.extend(Submission(client, key, state, n, sent_part(broadcasts[client][key]), extras)
-                        for key, state, n, extras in result.uploads)
-        return subs, tokens, expected
+            subs.extend(Submission(client, u.key, u.state, u.num_examples, sent_part(broadcasts[client][u.key]),
+                                   u.extras) for u in result.uploads)
+        return subs, expected, delivery
 
     def _screen(self, r: int, n_sampled: int, received: list[Submission], expected: dict,
                 metrics: list[dict]) -> tuple[list[Submission], float | None]:
@@ -512,6 +476,12 @@ class InProcessEngine:
                 f"fewer than the {need} required (reliability.min_clients_per_round = {rel.min_clients_per_round}, "
                 f"reliability.min_fraction_per_round = {rel.min_fraction_per_round:g}); dropped: {listing}{more}")
         return accepted, bound
+
+    @staticmethod
+    def baselines(exp: Experiment, task: int) -> dict:
+        """What a task's scores should beat, for tasks.json: ``majority_accuracy`` (always its most frequent label of
+        the test sample) where the run scores accuracy; nothing for a causal LM."""
+        return {"majority_accuracy": exp.evaluator.majority_accuracy(task)} if exp.evaluator.metric == "accuracy" else {}
 
     def served_slots(self, exp: Experiment) -> list[int]:
         """Per task, the slot holding most of its assigned training samples (the adapter that serves it)."""
@@ -578,7 +548,8 @@ class InProcessEngine:
         """The adapters clients submitted in round ``r`` (FL-TAC, first and last round), for the report's projection.
 
         Keys ``<client>/<key>/<tensor>``. The JSON beside it gives the slot each job started from (-1: the
-        initial adapter, then saved as ``initial/<tensor>``), so a reader can rebuild the updates K-means saw.
+        initial adapter, then saved as ``initial/<tensor>``) and the order of an adapter's tensors as clients
+        sent them (``tensor_order``; safetensors files sort them), so a reader can rebuild the vectors K-means saw.
         """
         tensors = {f"{s.client}/{s.key}/{k}": v for s in subs for k, v in s.state.items()}
         start_rows = [[s.client, s.key, -1 if starts.get((s.client, s.key)) is None else starts[(s.client, s.key)]]
@@ -586,7 +557,8 @@ class InProcessEngine:
         if any(row[2] == -1 for row in start_rows):
             tensors.update({f"initial/{k}": v for k, v in exp.strategy.initial.items()})
         io.save_tensors(self.out / "adapters" / f"submissions_round_{r}.safetensors", tensors)
-        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json", {"round": r, "starts": start_rows})
+        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json",
+                      {"round": r, "starts": start_rows, "tensor_order": list(subs[0].state) if subs else []})
 
     def round_line(self, r: int, info: dict, clusters: list[dict], evals: list[dict] | None) -> str:
         parts = [f"round {r}/{self.cfg.train.rounds}", f"loss {info['mean_local_loss']:.3f}",

@@ -34,6 +34,12 @@ class Evaluator:
             trues.append(batch.labels.numpy())
         return np.concatenate(preds), np.concatenate(trues)
 
+    def majority_accuracy(self, task: int) -> float:
+        """The accuracy of always predicting ``task``'s most frequent label of the test sample: the floor any
+        adapter should beat."""
+        labels = self.store.labels[np.concatenate(self.batches[task])]
+        return float(np.bincount(labels).max() / len(labels))
+
     def accuracy(self, state: dict[str, torch.Tensor], task: int) -> float:
         pred, true = self.predictions(state, task)
         return float((pred == true).mean())

@@ -1,18 +1,20 @@
 """``fltac report``: run folders in, ``report.md`` + ``report.html`` + PNG plots out.
 
-Reads only what runs write (``config.json``, ``summary.json``, ``metrics.jsonl``,
+Reads only what runs write (``config.json``, ``summary.json``, ``metrics.jsonl``, ``tasks.json``,
 ``cluster_assignments.jsonl``, ``adapters/*.safetensors``): no model is built, no torch module runs.
 Plots (matplotlib, Agg backend):
 
-- ``accuracy_per_round.png``: per-task test accuracy of the serving adapter per round, one panel per run;
+- ``accuracy_per_round.png``: per-task test accuracy of the serving adapter per round, one panel per run,
+  with each task's majority-class accuracy (always predicting its most frequent test label) dotted;
 - ``accuracy_vs_uplink.png``: mean accuracy against cumulative uplink bytes, one line per run;
 - ``clustering_accuracy.png``: FL-TAC's clustering accuracy per round, one line per FL-TAC run;
 - ``confusion_<run>.png``: the final round's task-by-cluster counts of submitted adapters;
 - ``projection_<run>.png``: a 2-D PCA of the adapters clients submitted in the first and last round,
-  as the server's K-means saw them (same tensors, update or weights, normalised or not, per the run's
-  ``server`` config), coloured by the true task, marked by the cluster K-means put them in.
+  as the server's K-means saw them (computed by the run's own strategy from its ``server`` config),
+  coloured by the true task, marked by the cluster K-means put them in.
 
-The table compares the runs from their ``summary.json``.
+The tables compare the runs from their ``summary.json``: the means, then each task's accuracy beside its
+majority-class accuracy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from fltac import io
-from fltac.config import ConfigError
+from fltac.config import ConfigError, from_dict
+from fltac.wire import Submission, is_lora_key
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 DPI = 100
@@ -44,6 +47,7 @@ class Run:
     summary: dict
     metrics: list[dict]
     clusters: list[dict]
+    task_info: list[dict]  # tasks.json: per task name, labels, majority_accuracy ([] for runs that lack it)
 
     @property
     def method(self) -> str:
@@ -66,7 +70,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     if missing:
         raise ReportError(f"{path} is not a finished run: it lacks {', '.join(missing)}")
     return Run(name or path.name, path, io.read_json(path / "config.json"), io.read_json(path / "summary.json"),
-               io.read_jsonl(path / "metrics.jsonl"), io.read_jsonl(path / "cluster_assignments.jsonl"))
+               io.read_jsonl(path / "metrics.jsonl"), io.read_jsonl(path / "cluster_assignments.jsonl"),
+               io.read_json(path / "tasks.json") if (path / "tasks.json").is_file() else [])
 
 
 def unique_names(paths: list[Path]) -> list[str]:
@@ -91,6 +96,12 @@ def accuracy_by_round(run: Run) -> dict[str, tuple[list[int], list[float]]]:
         out[m["task"]][0].append(m["round"])
         out[m["task"]][1].append(m["accuracy"])
     return dict(out)
+
+
+def majority_accuracy(run: Run) -> dict[str, float]:
+    """``{task: accuracy of always predicting its most frequent label}`` on the run's test sample (tasks.json);
+    empty for a causal-LM run or a run made before fltac recorded it."""
+    return {t["name"]: t["majority_accuracy"] for t in run.task_info if "majority_accuracy" in t}
 
 
 def accuracy_vs_uplink(run: Run) -> tuple[list[int], list[float]]:
@@ -138,37 +149,34 @@ def _slot_states(run: Run, round_: int) -> dict[int, dict]:
 def kmeans_features(run: Run, round_: int) -> tuple[np.ndarray, list[str], list[int]]:
     """The vectors the server's K-means clustered in ``round_``, with each one's true task and assigned cluster.
 
-    Rebuilt from the saved submissions as :meth:`fltac.server.strategies.FLTAC.features` builds them.
+    Computed by the run's own strategy (:meth:`fltac.server.strategies.FLTAC.features`, built from the run's
+    config with the same factory), from the saved submissions and the adapters they started from: the same
+    tensors, weights or update, normalisation and ``kmeans_dims`` projection as the server used.
     """
-    server = run.config.get("server", {})
+    from fltac.server.strategies import make_fltac
+
+    cfg = from_dict(run.config)
     tensors = io.load_tensors(run.path / "adapters" / f"submissions_round_{round_}.safetensors")
     meta = io.read_json(run.path / "adapters" / f"submissions_round_{round_}.json")
     starts = {(c, k): s for c, k, s in meta["starts"]}
     initial = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("initial/")}
-    subs: dict[tuple[int, str], dict] = defaultdict(dict)
+    states: dict[tuple[int, str], dict] = defaultdict(dict)
     for name, t in tensors.items():
         if not name.startswith("initial/"):
             client, key, tensor = name.split("/", 2)
-            subs[(int(client), key)][tensor] = t
-    any_state = next(iter(subs.values()))
-    keys = sorted(k for k in any_state if server.get("cluster_features", "lora") != "lora"
-                  or ".lora_A." in k or ".lora_B." in k)
+            states[(int(client), key)][tensor] = t
+    order = meta.get("tensor_order") or list(next(iter(states.values())))  # older runs: the file's order
     previous = _slot_states(run, round_ - 1) if any(s >= 0 for s in starts.values()) else {}
     record = next(c for c in run.clusters if c["round"] == round_)
-    feats, tasks, clusters = [], [], []
+    subs = []
     for a in record["assignments"]:
-        state = subs[(a["client"], a["key"])]
-        vec = np.concatenate([state[k].double().numpy().ravel() for k in keys])
-        if server.get("cluster_on", "weights") == "update":
-            slot = starts[(a["client"], a["key"])]
-            start = initial if slot < 0 else previous[slot]
-            vec = vec - np.concatenate([start[k].double().numpy().ravel() for k in keys])
-        if server.get("cluster_normalize", False):
-            vec = vec / max(np.linalg.norm(vec), 1e-12)
-        feats.append(vec)
-        tasks.append(a["task"])
-        clusters.append(a["cluster"])
-    return np.stack(feats), tasks, clusters
+        slot = starts[(a["client"], a["key"])]
+        state = states[(a["client"], a["key"])]
+        subs.append(Submission(a["client"], a["key"], {k: state[k] for k in order}, a["n"],
+                               initial if slot < 0 else previous[slot]))
+    strategy = make_fltac(cfg, subs[0].state, len(run.tasks), [k for k in order if is_lora_key(k)])
+    return (strategy.features(subs), [a["task"] for a in record["assignments"]],
+            [a["cluster"] for a in record["assignments"]])
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,11 +211,15 @@ def _save(fig, path: Path) -> None:
 def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1.0, 3.6), sharey=True, squeeze=False)
+    majority_shown = False
     for ax, run in zip(axes[0], runs):
-        curves = accuracy_by_round(run)
+        curves, majority = accuracy_by_round(run), majority_accuracy(run)
         for task in run.tasks:
             if task in curves:
-                ax.plot(*curves[task], marker="o", ms=3, label=task)
+                (line,) = ax.plot(*curves[task], marker="o", ms=3, label=task)
+                if task in majority:
+                    ax.axhline(majority[task], color=line.get_color(), ls=":", lw=1.2)
+                    majority_shown = True
         rounds, mean = _mean_curve(curves)
         ax.plot(rounds, mean, color="black", ls="--", lw=1.5, label="mean")
         ax.set_title(f"{run.name} ({run.method})", fontsize=10)
@@ -215,7 +227,13 @@ def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0][0].set_ylabel("test accuracy (serving adapter)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    handles, names = axes[0][-1].get_legend_handles_labels()
+    if majority_shown:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="grey", ls=":", lw=1.2))
+        names.append("majority class\n(task's colour)")
+    axes[0][-1].legend(handles, names, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save(fig, path)
 
 
@@ -320,6 +338,27 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
+def per_task_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-task table: one row per run with each task's final accuracy (the serving adapter's;
+    a causal-LM run's LM loss), then the majority-class accuracy of each task: one row when the runs share a test
+    sample, else one per run (the sample follows the seed)."""
+    tasks = list(dict.fromkeys(t for run in runs for t in run.tasks))
+    rows = []
+    for run in runs:
+        s = run.summary
+        scores = s.get("per_task_accuracy") or s.get("per_task_lm_loss") or {}
+        rows.append([run.name, run.method, *(_fmt(scores.get(t), ".4f") for t in tasks)])
+    baselines = {}
+    for run in runs:
+        majority = majority_accuracy(run)
+        if majority:
+            baselines.setdefault(tuple(majority.get(t) for t in tasks), []).append(run.name)
+    for values, names in baselines.items():
+        label = "majority class" if len(baselines) == 1 else f"majority class ({', '.join(names)})"
+        rows.append([label, "-", *(_fmt(v, ".4f") for v in values)])
+    return ["run", "method", *tasks], rows
+
+
 def build_report(run_dirs: list[str | Path], out: str | Path | None = None, command: str | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and the PNGs into ``out`` (default: the first run); return report.md."""
     paths = [Path(p) for p in run_dirs]
@@ -334,6 +373,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, comm
     blocks.append(("p", "Mean accuracy is the mean over tasks of the serving global adapter's test accuracy after the "
                         "last round; personalized: each client's own assigned adapter on its share; bytes are summed "
                         "over all rounds; wall time includes setup."))
+    blocks += [("h2", "Accuracy per task"), ("table", *per_task_rows(runs)),
+               ("p", "The serving global adapter's test accuracy on each task after the last round (a causal-LM run: "
+                     "its LM loss). Majority class: the accuracy of always predicting the task's most frequent label "
+                     "of the same test sample, the floor a classifier must beat.")]
 
     plot_accuracy_per_round(runs, out / "accuracy_per_round.png")
     blocks += [("h2", "Accuracy per task per round"), ("img", "accuracy_per_round.png", "per-task accuracy per round")]
@@ -377,11 +420,12 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, comm
 
 
 def _feature_note(config: dict) -> str:
-    server = config.get("server", {})
-    what = "LoRA matrices" if server.get("cluster_features", "lora") == "lora" else "LoRA matrices and head"
-    on = "update since the adapter it was sent" if server.get("cluster_on") == "update" else "weights"
-    norm = ", scaled to unit length" if server.get("cluster_normalize") else ""
-    return f"{what}, {on}{norm}"
+    server = from_dict(config).server  # the run's values, the config's defaults for keys it predates
+    what = "LoRA matrices" if server.cluster_features == "lora" else "LoRA matrices and head"
+    on = "update since the adapter it was sent" if server.cluster_on == "update" else "weights"
+    norm = ", scaled to unit length" if server.cluster_normalize else ""
+    projected = f", projected to {server.kmeans_dims} dimensions" if server.kmeans_dims is not None else ""
+    return f"{what}, {on}{norm}{projected}"
 
 
 def render_markdown(blocks: list[tuple]) -> str:

@@ -17,6 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from fltac.config import LoraConfig
+from fltac.wire import is_lora_key
 
 PEFT_PREFIX = "base_model.model."
 HEAD_PREFIX = "classifier."
@@ -30,10 +31,6 @@ def canonical_key(peft_name: str) -> str:
     """peft's parameter name -> the adapter-state key (no wrapper prefix, no adapter name)."""
     name = peft_name.removeprefix(PEFT_PREFIX)
     return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
-
-
-def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
 
 
 def _cast_input_to(dtype: torch.dtype):
@@ -120,8 +117,3 @@ def check_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of an adapter on the wire (its tensors as stored)."""
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
-    """The tensors under ``keys`` (in that order) as one float32 vector."""
-    return torch.cat([state[k].reshape(-1).float() for k in keys])

@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-State = dict[str, torch.Tensor]
+from fltac.wire import State
 
 
 def weighted_mean(states: list[State], weights: list[float]) -> State:
@@ -31,6 +31,11 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
     w = w.float()
     return {k: torch.tensordot(w, torch.stack([s[k].float() for s in states]), dims=1).to(states[0][k].dtype)
             for k in states[0]}
+
+
+def flatten(state: State, keys: list[str]) -> torch.Tensor:
+    """The tensors under ``keys`` (in that order) as one float32 vector."""
+    return torch.cat([state[k].reshape(-1).float() for k in keys])
 
 
 def random_projection(dim: int, out_dim: int, seed: int) -> torch.Tensor:

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import torch
 
-from fltac.client.importance import A_SUFFIX, B_SUFFIX, IDX, SCORE, lora_modules
-from fltac.server.aggregate import State, weighted_mean
+from fltac.server.aggregate import weighted_mean
 from fltac.server.robust import Spec, spec_of
-from fltac.server.strategies import Broadcast, Strategy, Submission
+from fltac.server.strategies import Strategy
+from fltac.wire import (A_SUFFIX, B_SUFFIX, HOOK_IMPORTANCE, HOOK_TRAIN_ONLY, IDX, SCORE, Broadcast, State, Submission,
+                        lora_modules)
 
 #: One client's upload of one module: (component indices [r], A rows [r, d_in], B columns [d_out, r]).
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -229,9 +230,9 @@ class HAFL(Strategy):
         state = self.start_state(client, key)
         if self.mode == "truncate":
             state = truncate(state, comps)
-        config = {"hafl_train_only": comps}
+        config = {HOOK_TRAIN_ONLY: comps}
         if self.uses_scores:
-            config["hafl_importance"] = {"beta": self.beta, "uncertainty": self.uncertainty,
+            config[HOOK_IMPORTANCE] = {"beta": self.beta, "uncertainty": self.uncertainty,
                                          "reduce": self.score_reduce,
                                          "send": comps if self.mode == "truncate" else None}
         return Broadcast(state, config)
@@ -239,16 +240,14 @@ class HAFL(Strategy):
     def expected_spec(self, client: int, key: str, sent: Broadcast) -> Spec:
         """The sliced layout a client uploads: r_k rows of each ``lora_A``, r_k columns of each ``lora_B``."""
         spec = spec_of(sent.state)
-        for m, idx in sent.config["hafl_train_only"].items():
+        for m, idx in sent.config[HOOK_TRAIN_ONLY].items():
             (_, d_in), dt = spec[m + A_SUFFIX]
             spec[m + A_SUFFIX] = ((len(idx), d_in), dt)
             (d_out, _), dt = spec[m + B_SUFFIX]
             spec[m + B_SUFFIX] = ((d_out, len(idx)), dt)
         return spec
 
-    def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
-        if not subs:
-            return {}
+    def _aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
         current = self.slots_[0]
         uploads = [unpack(s.state, s.extras, self.modules) for s in subs]
         weights = [float(s.num_examples) for s in subs]
@@ -301,12 +300,20 @@ class HAFL(Strategy):
                               for k in meta["hafl_clients_with_scores"]}
 
 
-def make_hafl(cfg, initial: State) -> HAFL:
-    """The strategy of ``method: hafl`` / ``method: hetlora`` from a validated RunConfig."""
+def make_hafl(cfg, initial: State, n_tasks: int = 0, lora_keys: list[str] | None = None) -> HAFL:
+    """The strategy of ``method: hafl`` from a validated RunConfig: components chosen by importance."""
+    return _heterogeneous(cfg, initial, "importance")
+
+
+def make_hetlora(cfg, initial: State, n_tasks: int = 0, lora_keys: list[str] | None = None) -> HAFL:
+    """The strategy of ``method: hetlora``: the first r_k components, zero-padded averaging."""
+    return _heterogeneous(cfg, initial, "first")
+
+
+def _heterogeneous(cfg, initial: State, selection: str) -> HAFL:
     h = cfg.hafl
     mode, aggregation = h.resolved(cfg.method)
     ranks = dict(enumerate(h.ranks(cfg.partition.n_clients, cfg.seed)))
-    strategy = HAFL(initial, ranks, mode, aggregation, "first" if cfg.method == "hetlora" else "importance",
-                    h.beta, h.uncertainty, h.score_reduce, h.weighting)
+    strategy = HAFL(initial, ranks, mode, aggregation, selection, h.beta, h.uncertainty, h.score_reduce, h.weighting)
     strategy.name = cfg.method
     return strategy

@@ -6,7 +6,7 @@ of all its tensors together (LoRA factors and head). As in :mod:`fltac.server.ag
 are combined separately, entry by entry, never as the product BA.
 
 The rules here are what :meth:`fltac.server.strategies.Strategy._merge` applies to the members of
-one slot (one cluster for FL-TAC), so they compose with every method instead of copying it.
+one slot (one cluster for FL-TAC), so they compose with all methods instead of copying any.
 """
 
 from __future__ import annotations

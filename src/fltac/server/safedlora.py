@@ -1,7 +1,7 @@
 """SA-FedLoRA (Yang et al., "SA-FedLoRA", arXiv 2405.09394) and FedAvg of full fine-tuning.
 
 The paper gives the two stages and their purpose, not every formula; the readings below follow
-the project's method notes (SA-FedLoRA section; README, "SA-FedLoRA") and are marked *reconstructed*; each is a config option
+the most faithful reading of the paper (docs/safedlora.md) and are marked *reconstructed*; each is a config option
 (section ``safedlora``).
 
 **Initiating stage** (rounds 1..``init_rounds``). Clients minimise L_k(w) + mu/2 ||w - w_g||^2
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from fltac.client.svd_importance import SCORE
 from fltac.models.staged import (
     INDEX,
     Mask,
@@ -39,9 +38,9 @@ from fltac.models.staged import (
     part_of,
     unpack,
 )
-from fltac.server.aggregate import State
 from fltac.server.robust import Spec, spec_of
-from fltac.server.strategies import Broadcast, FedAvg, Strategy, Submission
+from fltac.server.strategies import FedAvg, Strategy
+from fltac.wire import HOOK_PROXIMAL, HOOK_SVD_ANNEAL, SVD_SCORE, Broadcast, State, Submission
 
 # ---- pure functions -----------------------------------------------------------------------------------
 
@@ -91,7 +90,7 @@ def average_scores(uploads: list[dict[str, torch.Tensor]], weights: list[float],
     for m, keep in mask.items():
         full = torch.zeros(len(keep), dtype=torch.float64)
         if uploads:
-            full[keep] = sum(wi * u[f"{m}.{SCORE}"].double() for wi, u in zip(w, uploads))
+            full[keep] = sum(wi * u[f"{m}.{SVD_SCORE}"].double() for wi, u in zip(w, uploads))
         out[m] = full
     return out
 
@@ -184,7 +183,7 @@ class SAFedLoRA(Strategy):
     # ---- configure -------------------------------------------------------------------------------------
     def configure(self, round_, client, key):
         if not self.annealing(round_):
-            return Broadcast(self.slots_[0], {"proximal_mu": self.mu} if self.mu > 0 else {})
+            return Broadcast(self.slots_[0], {HOOK_PROXIMAL: self.mu} if self.mu > 0 else {})
         wire = pack(self.adapter_, self.mask_)
         if self.base_ is not None and (client not in self.base_sent_ or self.resumed_):
             # the backbone trained in the initiating stage reaches each client once; after a resume the in-process
@@ -192,14 +191,14 @@ class SAFedLoRA(Strategy):
             wire = {**self.base_, **wire}
             self.base_sent_.add(client)
             self.resumed_ = False
-        return Broadcast(wire, {"svd_anneal": dict(self.client_config)})
+        return Broadcast(wire, {HOOK_SVD_ANNEAL: dict(self.client_config)})
 
     def expected_spec(self, client: int, key: str, sent: Broadcast) -> Spec:
         """What comes back: what was sent, less the frozen backbone (never sent back)."""
         return spec_of({k: v for k, v in sent.state.items() if self.base_ is None or k not in self.base_})
 
     # ---- aggregate ------------------------------------------------------------------------------------
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         annealing = self.annealing(round_)
         adapter_stage = annealing or self.init_train == "lora"
         trained = int(sum(int(v.sum()) for v in self.mask_.values()))
@@ -208,11 +207,11 @@ class SAFedLoRA(Strategy):
         stripped = [Submission(s.client, s.key, _no_index(s.state), s.num_examples,
                                {k: s.start[k] for k in _no_index(s.state)}, s.extras) for s in subs]
         assigned = self._merge(stripped, [0] * len(subs))
-        if adapter_stage and subs:
+        if adapter_stage:
             index = {k: v for k, v in pack(self.adapter_, self.mask_).items() if k.endswith(f".{INDEX}")}
             merged = {k: v for k, v in self.slots_[0].items() if k not in (self.base_ or {})}
             self.adapter_, _ = unpack({**merged, **index}, self.rank_init, into=self.adapter_)
-        if annealing and subs:
+        if annealing:
             self.scores_ = average_scores([s.extras for s in subs], [s.num_examples for s in subs], self.mask_)
             if round_ < self.rounds:  # the mask of the next round, at its budget
                 self.mask_ = select_mask(self.scores_, self.mask_, self.budget_at(round_ + 1))
@@ -288,11 +287,13 @@ def _no_index(state: State) -> State:
     return {k: v for k, v in state.items() if not k.endswith(f".{INDEX}")}
 
 
-def make_sa_strategy(cfg, everything: State) -> Strategy:
-    """The strategy of ``safedlora`` or ``fedavg_full`` from the run config and the model's initial parameters."""
-    if cfg.method == "fedavg_full":
-        return FedAvgFull(everything)
+def make_safedlora(cfg, everything: State, n_tasks: int = 0, lora_keys: list[str] | None = None) -> SAFedLoRA:
+    """The strategy of ``method: safedlora`` from the run config and the model's initial parameters."""
     sa = cfg.safedlora
     return SAFedLoRA(everything, cfg.train.rounds, sa.init_rounds, sa.init_train, sa.mu, sa.rank_init,
                      sa.target_rank, sa.warm_rounds, sa.cool_rounds, sa.orth_reg, sa.beta1, sa.beta2)
 
+
+def make_fedavg_full(cfg, everything: State, n_tasks: int = 0, lora_keys: list[str] | None = None) -> FedAvgFull:
+    """The strategy of ``method: fedavg_full``: FedAvg of every parameter."""
+    return FedAvgFull(everything)

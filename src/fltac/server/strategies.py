@@ -8,39 +8,26 @@ they never look inside. State learned across rounds ends in ``_`` and round-trip
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
 from fltac.config import RunConfig
-from fltac.models.adapters import flatten
-from fltac.server.aggregate import State, kmeans_labels, match_to_previous, random_projection
+from fltac.methods import method_of, pooled_slots
+from fltac.server.aggregate import clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection
 from fltac.server.robust import Aggregation, Spec, spec_of
+from fltac.wire import Broadcast, State, Submission
+
+__all__ = ["AggregationError", "Broadcast", "Centralized", "EmptyRoundError", "FLTAC", "FedAvg", "Strategy",
+           "Submission", "make_strategy"]
 
 
 class AggregationError(ValueError):
     """Submissions the strategy cannot aggregate (e.g. non-finite values with validation turned off)."""
 
 
-@dataclass
-class Broadcast:
-    """What the server sends for one (client, key): the start adapter and plain settings for client hooks."""
-
-    state: State
-    config: dict = field(default_factory=dict)
-
-
-@dataclass
-class Submission:
-    """What a client sends for one adapter: no task label, only its own key and sample count."""
-
-    client: int
-    key: str
-    state: State
-    num_examples: int
-    start: State  # the adapter the client was sent (kept server-side; not sent back)
-    extras: dict = field(default_factory=dict)  # tensors sent beside the adapter (e.g. importance scores)
+class EmptyRoundError(AggregationError):
+    """``aggregate`` called with no submission: the same error for every method (the engines stop a round
+    with too few clients before aggregating, :class:`fltac.engines.inprocess.TooFewClients`)."""
 
 
 class Strategy:
@@ -69,13 +56,27 @@ class Strategy:
         """Method-specific numbers for the round's metrics record (e.g. a rank budget), after ``aggregate``."""
         return {}
 
+    def cluster_records(self, round_: int, assigned: dict[tuple[int, str], int], jobs: list,
+                        task_names: list[str]) -> list[dict]:
+        """The round's lines for ``cluster_assignments.jsonl``, after ``aggregate``: none unless the method
+        clusters. ``jobs`` (each with ``client``, ``key``, ``tasks``, ``num_examples``) and ``task_names`` are
+        the engine's ground truth, for measurement only: ``aggregate`` never saw them."""
+        return []
+
     def expected_spec(self, client: int, key: str, sent: Broadcast) -> Spec:
         """The layout ``{tensor: (shape, dtype)}`` a submission for (client, key) must have: by default
         that of the adapter the client was sent (which carries the method's tensors and its rank)."""
         return spec_of(sent.state)
 
     def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
-        """Merge ``subs`` into the slots; return the slot each submission was assigned."""
+        """Merge ``subs`` into the slots; return the slot each submission was assigned. No submission at all
+        is an :class:`EmptyRoundError`, whatever the method."""
+        if not subs:
+            raise EmptyRoundError(f"round {round_}: no submission to aggregate (method {self.name})")
+        return self._aggregate(round_, subs)
+
+    def _aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
+        """The method's own merge of a round's (non-empty) submissions."""
         raise NotImplementedError
 
     def _merge(self, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
@@ -110,17 +111,25 @@ class FedAvg(Strategy):
     def __init__(self, initial: State):
         super().__init__(initial, 1)
 
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         return self._merge(subs, [0] * len(subs))
 
 
 class Centralized(Strategy):
-    """Upper bound, not federated: one pooled client whose job key ``a<t>`` is task ``t``'s slot."""
+    """Upper bound, not federated: one pooled client; ``slot_of`` names the slot of each of its keys (the
+    registry's pooled layout, :func:`fltac.methods.pooled_slots`)."""
 
     name = "centralized"
 
-    def aggregate(self, round_, subs):
-        return self._merge(subs, [int(s.key[1:]) for s in subs])
+    def __init__(self, initial: State, slot_of: dict[str, int]):
+        super().__init__(initial, len(slot_of))
+        self.slot_of = dict(slot_of)
+
+    def _aggregate(self, round_, subs):
+        unknown = sorted({s.key for s in subs} - set(self.slot_of))
+        if unknown:
+            raise AggregationError(f"adapter key(s) {unknown} have no slot (known: {sorted(self.slot_of)})")
+        return self._merge(subs, [self.slot_of[s.key] for s in subs])
 
 
 #: Submissions flattened at a time when building K-means features.
@@ -220,7 +229,7 @@ class FLTAC(Strategy):
             sums = onehot @ x if sums is None else sums + onehot @ x
         return sums / torch.from_numpy(np.bincount(cluster, minlength=k)).float()[:, None]
 
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         labels = kmeans_labels(self.features(subs), self.n_slots, self.seed + round_, self.n_init)
         found = np.unique(labels)
         if self.fitted_:
@@ -232,6 +241,15 @@ class FLTAC(Strategy):
         self.fitted_ = True
         return self._merge(subs, [int(slot_of_cluster[c]) for c in labels])
 
+    def cluster_records(self, round_, assigned, jobs, task_names):
+        """One line: each assigned (client, key) with its true task, cluster and sample count, and the
+        clustering accuracy, ARI and NMI of the round's assignment against the true tasks."""
+        done = [j for j in jobs if (j.client, j.key) in assigned]
+        rows = [{"client": j.client, "key": j.key, "task": task_names[j.tasks[0]],
+                 "cluster": assigned[(j.client, j.key)], "n": j.num_examples} for j in done]
+        scores = clustering_scores([j.tasks[0] for j in done], [row["cluster"] for row in rows])
+        return [{"round": round_, "assignments": rows, **scores}]
+
     def state_dict(self):
         tensors, meta = super().state_dict()
         return tensors, {**meta, "fitted": self.fitted_}
@@ -242,25 +260,22 @@ class FLTAC(Strategy):
 
 
 def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Strategy:
-    strategy = _make_method_strategy(cfg, initial, n_tasks, lora_keys)
+    """The strategy of ``cfg.method`` (its registry factory), combining slot members by ``reliability.aggregation``."""
+    strategy = method_of(cfg.method).make_strategy(cfg, initial, n_tasks, lora_keys)
     rel = cfg.reliability
     strategy.aggregation = Aggregation(rel.aggregation, rel.trim_fraction, rel.clip_norm)
     return strategy
 
 
-def _make_method_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Strategy:
-    if cfg.method == "fedit":
-        return FedAvg(initial)
-    if cfg.method == "centralized":
-        return Centralized(initial, n_tasks)
-    if cfg.method in ("safedlora", "fedavg_full"):  # stages, full fine-tuning: see fltac.server.safedlora
-        from fltac.server.safedlora import make_sa_strategy
+def make_fedavg(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> FedAvg:
+    return FedAvg(initial)
 
-        return make_sa_strategy(cfg, initial)
-    if cfg.method in ("hafl", "hetlora"):  # heterogeneous ranks, rank-1 aggregation: see fltac.server.hafl
-        from fltac.server.hafl import make_hafl
 
-        return make_hafl(cfg, initial)
+def make_centralized(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Centralized:
+    return Centralized(initial, pooled_slots(n_tasks))
+
+
+def make_fltac(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> FLTAC:
     keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
                  cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims)

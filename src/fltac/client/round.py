@@ -1,0 +1,102 @@
+"""A client's round: train its jobs from their broadcasts, meet its faults, and say what it uploads.
+
+The client side of every transport (:class:`fltac.engines.inprocess.Transport`): the in-process transport calls
+:func:`train_client` for each client in turn on the engine's one model, the Flower ClientApp on the
+SuperNode's own model and data. It sees broadcasts and its own jobs, never the server's strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fltac.client.hooks import make_hooks
+from fltac.client.train import job_seed, train_job
+from fltac.config import RunConfig
+from fltac.engines.faults import run_client, tamper
+from fltac.wire import Upload
+
+
+@dataclass
+class ClientResult:
+    """One client's round, as its side sees it: what goes into metrics.jsonl and what it uploads.
+
+    ``records``: its local losses, injected faults and (if it failed) one 'dropped' line per adapter, in
+    the order the engine logs them. ``uploads``: one :class:`~fltac.wire.Upload` per adapter it sends;
+    empty when it failed.
+    """
+
+    records: list[dict] = field(default_factory=list)
+    uploads: list[Upload] = field(default_factory=list)
+    tokens: int = 0
+    failed: bool = False
+
+
+class _NoBar:
+    def step(self, n: int = 1, note: str = "") -> None:
+        pass
+
+
+def sent_part(b) -> dict:
+    """The part of the broadcast adapter that matches what the client uploads (HAFL: a slice), i.e. the
+    start of the update the server screens and merges: ``b.state`` through every hook's ``outgoing``."""
+    start = b.state
+    for h in make_hooks(b.config, b.state):
+        start = h.outgoing(start)
+    return start
+
+
+def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list, broadcasts: dict,
+                 task_names: list[str], bar=None, trained: dict | None = None) -> ClientResult:
+    """Train one client's jobs of round ``r`` from its broadcasts, under its injected faults and time limit.
+
+    The client side of a round, shared by every transport: the in-process one calls it for each client
+    in turn on its one model; the Flower ClientApp calls it on the SuperNode's own model and data
+    (:mod:`fltac.engines.flower`). A client that raises or runs late is dropped whole for the round
+    (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
+    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
+    keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
+    ``bar`` counts adapter steps (a job's ``steps``): it advances with every step this client trains, and by
+    the rest of the client's steps when it fails; steps trained on the fast path were counted there.
+    """
+    rel, bar = cfg.reliability, bar or _NoBar()
+    out = ClientResult()
+    counted = [sum(j.steps for j in cjobs if trained is not None and (j.client, j.key) in trained)]
+
+    def on_step(n: int) -> None:
+        counted[0] += n
+        bar.step(n, note=f"client {client}")
+
+    def train(job):
+        b = broadcasts[job.key]
+        hooks = make_hooks(b.config, b.state)
+        if trained is not None and (job.client, job.key) in trained:
+            state, losses, n_tok = trained[(job.client, job.key)]
+        else:
+            state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
+                                             job_seed(cfg.seed, r, job.client, job.key), hooks, on_step)
+        for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
+            state = h.outgoing(state)
+        return state, losses, n_tok, {k: v for h in hooks for k, v in h.extras().items()}
+
+    outcome = run_client(client, cjobs, train, rel, cfg.seed, r)
+    if outcome.injected is not None:
+        out.records.append({"phase": "injected", "round": r, "client": client,
+                            "key": cjobs[outcome.injected.at].key, "fault": outcome.injected.kind})
+    for job, (state, losses, n_tok, extras) in outcome.done:
+        out.tokens += n_tok
+        task = "+".join(task_names[t] for t in job.tasks)
+        out.records.extend({"phase": "local", "round": r, "client": job.client, "key": job.key, "task": task,
+                            "step": i + 1, "loss": round(loss, 6), "n": job.num_examples}
+                           for i, loss in enumerate(losses))
+    if outcome.kind is not None:
+        bar.step(sum(j.steps for j in cjobs) - counted[0], note=f"client {client} dropped")
+        out.records.extend({"phase": "dropped", "round": r, "client": client, "key": j.key,
+                            "kind": outcome.kind, "reason": outcome.reason} for j in cjobs)
+        out.failed = True
+        return out
+    for job, (state, losses, n_tok, extras) in outcome.done:
+        state, notes = tamper(rel, cfg.seed, r, client, job.key, state)
+        out.records.extend({"phase": "injected", "round": r, "client": client, "key": job.key, "fault": note}
+                           for note in notes)
+        out.uploads.append(Upload(job.key, state, job.num_examples, extras))
+    return out

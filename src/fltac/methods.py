@@ -1,0 +1,87 @@
+"""The method registry: every fact about a method that code outside its strategy needs, in one record.
+
+A method is a server strategy (what clients are sent, how their adapters are merged; built by the
+record's ``strategy`` factory) plus a *job layout* (which adapters each client trains):
+
+- ``per_task``: one adapter per task the client holds, ``local_steps`` steps each (FL-TAC);
+- ``shared``: one adapter over all the client's tasks mixed, ``local_steps x n_tasks`` steps, the same
+  total as ``per_task`` gives that client (FedIT's layout);
+- ``pooled``: not federated: one client holding all data, one adapter per task with ``local_steps x
+  (clients holding the task)`` steps, the same total per task as the federated runs. Its adapter
+  :func:`~fltac.wire.job_key` ``(t)`` trains task ``t`` and slot ``t`` serves it (:func:`pooled_slots`).
+
+Engines, the client planner, export and config validation read these records; none of them branches on
+a method's name. No torch here (the config imports this module); factories are imported when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal
+
+from fltac.wire import job_key
+
+Layout = Literal["per_task", "shared", "pooled"]
+ENGINES = ("inprocess", "flower")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str               # one line, for the config's help text
+    layout: Layout             # how a client's jobs are laid out (module docstring)
+    strategy: str              # "module:function", the factory (cfg, initial, n_tasks, lora_keys) -> Strategy
+    default_rank: int | None   # LoRA rank when lora.rank is null; None: the method takes no lora.rank
+    trains_backbone: bool = False   # the backbone itself is trained (fp32 masters, a staged model)
+    client_hooks: bool = False      # its broadcasts carry hook settings (checked by tests/test_contract.py)
+    export: Literal["per_task", "one"] | None = "per_task"  # peft folders: one per task, one in all, or none
+    engines: tuple[str, ...] = ENGINES
+    engine_note: str = ""      # why an engine is missing from ``engines``
+
+    def make_strategy(self, cfg, initial, n_tasks: int, lora_keys: list[str]):
+        """The method's strategy for a run (imported now: the registry itself loads no torch)."""
+        module, _, function = self.strategy.partition(":")
+        return getattr(importlib.import_module(module), function)(cfg, initial, n_tasks, lora_keys)
+
+    def engine_problem(self, engine: str) -> str | None:
+        """Why this method cannot run on ``engine``, or None when it can."""
+        if engine in self.engines:
+            return None
+        return f"method '{self.name}' {self.engine_note}: run it with --engine {self.engines[0]}"
+
+
+_RECORDS = (
+    Method("fltac", "one adapter per (client, task), K-means + FedAvg per cluster.", "per_task",
+           "fltac.server.strategies:make_fltac", default_rank=4),
+    Method("fedit", "one shared adapter per client, FedAvg.", "shared",
+           "fltac.server.strategies:make_fedavg", default_rank=16, export="one"),
+    Method("centralized", "pooled data, one adapter per task (upper bound).", "pooled",
+           "fltac.server.strategies:make_centralized", default_rank=4, engines=("inprocess",),
+           engine_note="pools all data in one process"),
+    Method("hafl", "one adapter per client at its own rank r_k <= R, importance-based truncation or freezing, "
+           "rank-1 aggregation (section hafl).", "shared", "fltac.server.hafl:make_hafl", default_rank=8,
+           client_hooks=True),
+    Method("hetlora", "the baseline, first r_k components + zero-padded averaging.", "shared",
+           "fltac.server.hafl:make_hetlora", default_rank=8, client_hooks=True),
+    Method("safedlora", "SA-FedLoRA, an initiating stage then an annealed SVD adapter (section safedlora).",
+           "shared", "fltac.server.safedlora:make_safedlora", default_rank=None, trains_backbone=True,
+           client_hooks=True, export=None),
+    Method("fedavg_full", "FedAvg of full fine-tuning (fp32 backbone).", "shared",
+           "fltac.server.safedlora:make_fedavg_full", default_rank=None, trains_backbone=True, export=None),
+)
+#: Every method, by name, in the order the docs list them.
+METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}
+METHOD_NAMES = tuple(METHODS)
+
+
+def method_of(name: str) -> Method:
+    """The record of method ``name``; a clear error for an unknown one."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(METHOD_NAMES)})")
+    return METHODS[name]
+
+
+def pooled_slots(n_tasks: int) -> dict[str, int]:
+    """The pooled layout's key table: the pooled client's adapter ``job_key(t)`` trains task ``t``, served by slot ``t``."""
+    return {job_key(t): t for t in range(n_tasks)}
