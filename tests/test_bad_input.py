@@ -257,7 +257,9 @@ CASES = [
          ["config.json", "unknown config key 'colour'"],
          setup=copy_run(then=edit_json("config.json", lambda c: {**c, "colour": "red"}))),
     Case("export: torn last line of metrics.jsonl", "export {work}/run --out {work}/exp",
-         ["metrics.jsonl", "line", "not valid JSON"], setup=copy_run(then=tear_last_line("metrics.jsonl"))),
+         ["metrics.jsonl", "damaged", "--overwrite"], setup=copy_run(then=tear_last_line("metrics.jsonl"))),
+    Case("export: truncated adapters", "export {work}/run --out {work}/exp",
+         ["adapters/round_2.safetensors", "damaged"], setup=copy_run(then=truncate("adapters/round_2.safetensors"))),
     Case("export: --out is a file", "export {work}/run --out {work}/afile", ["--out", "{work}/afile", "is a file"],
          setup=lambda w, c: (copy_run()(w, c), write("afile", "x")(w, c))),
     Case("export: not a run", "export {work} --out {work}/exp", ["not a run folder", "config.json"]),
@@ -347,7 +349,7 @@ def test_bad_input(case: Case, ctx, tmp_path, capsys, monkeypatch):
 
 def test_the_battery_covers_every_category():
     """Guards the count docs/reliability.md states."""
-    assert len(CASES) == 49
+    assert len(CASES) == 50
     assert len({c.id for c in CASES}) == len(CASES)
 
 

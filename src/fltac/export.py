@@ -62,6 +62,16 @@ def read_run_config(run_dir: Path) -> RunConfig:
         raise ExportError(f"{path}: {exc}") from None
 
 
+def check_run_files(run_dir: Path) -> None:
+    """The files an export reads must have the SHA-256 the run's last checkpoint recorded (when it has one)."""
+    from fltac.engines.inprocess import recorded_line_counts
+
+    pointer = run_dir / "checkpoint" / "latest.json"
+    if pointer.is_file():
+        meta = io.read_json(pointer, keys=())
+        io.check_recorded_files(run_dir, meta.get("files", {}), recorded_line_counts(meta), pointer)
+
+
 def read_tasks(run_dir: Path, cfg: RunConfig) -> list[dict]:
     """Per task ``{name, offset, labels}``: from the run's ``tasks.json``, else by loading the data again."""
     path = run_dir / "tasks.json"
@@ -203,6 +213,7 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     if problem:
         raise ExportError(f"--out {problem}")
     cfg = read_run_config(run_dir)
+    check_run_files(run_dir)
     method = method_of(cfg.method)
     if method.export is None:  # e.g. a trained backbone / an SVD adapter: not a peft LoRA folder
         raise ExportError(f"{run_dir} is a {cfg.method} run: export writes peft LoRA adapters and does not support "

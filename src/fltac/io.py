@@ -171,6 +171,23 @@ def sha256_lines(path: str | Path, keep: int) -> str:
     return hashlib.sha256("".join(line + "\n" for line in lines).encode()).hexdigest()
 
 
+def check_recorded_files(folder: Path, digests: dict[str, str], line_counts: dict[str, int], recorder: Path) -> None:
+    """Each ``folder/<rel>`` of ``digests`` must have the recorded SHA-256 (:func:`sha256_file`; for a jsonl
+    log in ``line_counts``, :func:`sha256_lines` of its first lines); else a one-line RunFileError naming the
+    file, the file that recorded it (``recorder``) and what to do."""
+    for rel, digest in sorted(digests.items()):
+        path = folder / rel
+        if not path.is_file():
+            problem = "is missing"
+        elif (sha256_lines(path, line_counts[rel]) if rel in line_counts else sha256_file(path)) != digest:
+            problem = "is damaged (its SHA-256 differs from the one recorded"
+            problem += f" for its first {line_counts[rel]} lines)" if rel in line_counts else ")"
+        else:
+            continue
+        raise RunFileError(f"{path} {problem}: {recorder} relies on it. Restore the file from a copy, or start "
+                           f"the run again with --overwrite")
+
+
 def truncate_jsonl(path: str | Path, keep: int) -> None:
     """Keep the first ``keep`` records of a jsonl file (used when resuming), atomically."""
     path = Path(path)

@@ -103,6 +103,11 @@ def _with_defaults(snapshot: dict) -> dict:
         return snapshot
 
 
+def recorded_line_counts(meta: dict) -> dict[str, int]:
+    """The jsonl logs a checkpoint (``latest.json``) hashed, with the number of lines it hashed of each."""
+    return {METRICS: meta.get("metrics_lines", 0), CLUSTERS: meta.get("cluster_lines", 0)}
+
+
 def _listing(names: list[str], at_most: int = 6) -> str:
     return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
 
@@ -226,18 +231,7 @@ class InProcessEngine:
             raise io.RunFileError(f"{pointer} belongs to run {meta['run_id']}, but {self.out / MARKER} names run "
                                   f"{marker['run_id']}: the checkpoint was copied from another run; start again "
                                   f"with --overwrite")
-        counts = {METRICS: meta.get("metrics_lines", 0), CLUSTERS: meta.get("cluster_lines", 0)}
-        for rel, digest in sorted(meta.get("files", {}).items()):
-            path = self.out / rel
-            if not path.is_file():
-                problem = "is missing"
-            elif (io.sha256_lines(path, counts[rel]) if rel in counts else io.sha256_file(path)) != digest:
-                problem = "is damaged (its SHA-256 differs from the one recorded"
-                problem += f" for its first {counts[rel]} lines)" if rel in counts else ")"
-            else:
-                continue
-            raise io.RunFileError(f"{path} {problem}: {pointer} (round {meta['round']}) relies on it. Restore the "
-                                  f"file from a copy, or start the run again with --overwrite")
+        io.check_recorded_files(self.out, meta.get("files", {}), recorded_line_counts(meta), pointer)
 
     def _save_checkpoint(self, exp: Experiment, round_: int, counters: dict) -> None:
         tensors, strategy_meta = exp.strategy.state_dict()
@@ -258,7 +252,7 @@ class InProcessEngine:
                 old.unlink()
 
     # ---- output folder ----------------------------------------------------------------------------
-    def _check_output(self) -> dict | None:
+    def check_output(self) -> dict | None:
         """Check, without changing the disk, that this run may use ``output_dir``; the checkpoint to resume from.
 
         ``output_dir`` must be a writable folder or creatable; a non-empty folder must carry the marker a run
@@ -290,7 +284,7 @@ class InProcessEngine:
     def _claim_output(self, ckpt: dict | None) -> None:
         """Make ``output_dir`` this run's: the marker first, then (a fresh start) the previous run's files removed.
 
-        Called only after :meth:`_check_output` and the data have passed. A resume keeps the folder's run id
+        Called only after :meth:`check_output` and the data have passed. A resume keeps the folder's run id
         and files, and removes the temporary files a kill left behind.
         """
         if ckpt is not None:
@@ -313,7 +307,7 @@ class InProcessEngine:
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        ckpt = self._check_output()
+        ckpt = self.check_output()
         if ckpt is not None and ckpt["round"] >= cfg.train.rounds and (self.out / "summary.json").exists():
             self.log(f"[fltac] run in {self.out} already finished ({ckpt['round']} rounds); nothing to do")
             return io.read_json(self.out / "summary.json")
