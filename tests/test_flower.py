@@ -48,10 +48,12 @@ def _write_config(path: Path, overrides: dict) -> Path:
     return path
 
 
-def in_loopback_netns(command: str, scratch: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``command`` (bash) in a new network namespace with only ``lo`` up; sample ``ss -tn`` meanwhile."""
-    script = (f"ip link set lo up; (for i in $(seq 1 40); do ss -tn state established >> {scratch}/ss.txt; "
-              f"sleep 1; done) & SAMPLER=$!; {command}; rc=$?; kill $SAMPLER 2>/dev/null; exit $rc")
+def in_loopback_netns(command: str, scratch: Path, timeout: float, setup: str = "") -> subprocess.CompletedProcess:
+    """Run ``command`` (bash) in a new network namespace with only ``lo`` up (then ``setup``); sample
+    ``ss -tn`` (established, into ss.txt) and ``ss -ltnup`` (listening, into listen.txt) meanwhile."""
+    script = (f"ip link set lo up; {setup + ';' if setup else ''} (for i in $(seq 1 80); do "
+              f"ss -tn state established >> {scratch}/ss.txt; ss -Hltnup >> {scratch}/listen.txt; sleep 0.5; done) "
+              f"& SAMPLER=$!; {command}; rc=$?; kill $SAMPLER 2>/dev/null; exit $rc")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(scratch / "flwr_home"), "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(REPO / "src")}
@@ -72,6 +74,19 @@ def only_loopback(ss_file: Path) -> list[str]:
             if not all(a.startswith(("127.", "[::1]", "[::ffff:127.")) for a in addrs):
                 bad.append(line)
     return bad
+
+
+def not_loopback_listeners(listen_file: Path) -> tuple[list[str], set[str]]:
+    """(sampled listening sockets whose local address is not on 127.0.0.0/8 or ::1, the processes seen listening)."""
+    bad, processes = [], set()
+    for line in listen_file.read_text().splitlines() if listen_file.exists() else []:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        processes.update(p.split('"')[1] for p in line.split("((")[1:] if '"' in p)
+        if not fields[4].startswith(("127.", "[::1]", "[::ffff:127.")):
+            bad.append(line)
+    return bad, processes
 
 
 # ---- codec (no Ray) ------------------------------------------------------------------------------------
@@ -150,6 +165,26 @@ def test_flower_sim_matches_inprocess(dtype, tiny_bert, csv_scenario, tmp_path):
     assert all(m["uplink_bytes"] > 0 and m["downlink_bytes"] > 0 and m["dropped"] == 0 for m in rounds)
     assert sim["uplink_bytes"] == sum(m["uplink_bytes"] for m in rounds)
     _same_adapter_files(ref_out, sim_out)
+
+
+@needs_netns
+def test_flower_sim_keeps_ray_on_loopback(tiny_bert, csv_scenario, tmp_path):
+    """Ray binds only 127.0.0.1 although the host has a routable address and a default route.
+
+    The namespace stands for a host with a routable interface: 192.0.2.10 (TEST-NET-1) on its loopback
+    device with the default route through it, so Ray's own address probe (a UDP connect to 8.8.8.8)
+    answers 192.0.2.10, and without fltac's settings Ray listens there and on all addresses. Every
+    packet stays inside the namespace. Every listening socket sampled during the run must be on loopback.
+    """
+    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, tmp_path / "flower"))
+    routable = "ip addr add 192.0.2.10/24 dev lo && ip route add default dev lo"
+    proc = in_loopback_netns(f"{sys.executable} -m fltac run --config {config} --engine flower-sim --quiet",
+                             tmp_path, timeout=300, setup=routable)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    bad, processes = not_loopback_listeners(tmp_path / "listen.txt")
+    assert {"gcs_server", "raylet"} <= processes, processes  # the sample saw Ray running
+    assert not bad, bad
+    assert not only_loopback(tmp_path / "ss.txt")
 
 
 # ---- a real local deployment -----------------------------------------------------------------------------

@@ -776,12 +776,22 @@ def key_doc(dotted: str) -> KeyDoc:
     return KeyDoc(dotted, fld.metadata.get("help", ""), default, choices, type_name)
 
 
+def read_value(key: str, raw: str) -> Any:
+    """A command-line value read as YAML (``1e-3``, ``[query,value]``, ``null``); bad YAML is a ConfigError naming ``key``."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config key '{key}': the value {raw!r} is not valid YAML "
+                          f"({' '.join(str(exc).split())})") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value")
     key, raw = text.split("=", 1)
-    return resolve_key(key.strip()), yaml.safe_load(raw)
+    key = resolve_key(key.strip())
+    return key, read_value(key, raw)
 
 
 def load_yaml(path: str | Path) -> dict:
