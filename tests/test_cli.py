@@ -204,3 +204,15 @@ def test_training_progress_advances_with_every_step_shared_or_not(tiny_bert, csv
         assert increments == [1] * sum(steps)
     # the first line already reports a share of the work done, so its estimate extrapolates from real work
     assert done[0] < sum(steps) and f"{done[0]}/{sum(steps)}," in bar.seen[0][2] and "ETA" in bar.seen[0][2]
+
+
+def test_user_errors_name_real_classes():
+    import importlib
+
+    from fltac.cli import USER_ERRORS, user_errors
+
+    for module in USER_ERRORS:
+        importlib.import_module(module)
+    classes = user_errors()
+    assert len(classes) == len(USER_ERRORS) and all(issubclass(c, Exception) for c in classes)
+    assert [c.__name__ for c in classes] == list(USER_ERRORS.values())
