@@ -2,13 +2,17 @@
 
     .venv/bin/python benchmarks/bench.py            # full (a few minutes on 2 cores)
     .venv/bin/python benchmarks/bench.py --quick    # smaller sizes, for a smoke check
+    .venv/bin/python benchmarks/bench.py --quick --training-only   # peaks and training tokens/s only
 
 Measures, in one process (memory in subprocesses): the CPU and the capability torch reports; fp32 and
 bf16 matmul peaks at the backbone's shapes; the dtype ``dtype: auto`` picks; training tokens/s and
 model-FLOPs utilisation (MFU) of the local-training step at the text5 default's batch shape, for both
 dtypes, both for one adapter alone (batch_size rows) and for the fast path (all of a round's adapters in
-shared backbone passes, ``train.adapters_per_pass``), whose figure is the headline ``mfu``; seconds per
-round of the text5 default (training only, as the engine trains it; in the chosen dtype and in fp32), and
+shared backbone passes, ``train.adapters_per_pass``) in both layouts of ``train.batching``: ``routed`` (the
+default: each client's mixed batches, its adapters sharing its steps, clients sharing passes; its figure is
+the headline ``mfu``; also with every client alone in its passes, as a Flower client trains) and
+``per_adapter`` (each adapter its own batches); seconds per round of the text5 default (training only,
+as the engine trains it; in the chosen dtype and in fp32), and
 of the same round done the FL-TAC reference code's way; peak memory for 10/100/1,000 simulated clients;
 server aggregation time (flatten + K-means + slot matching + cluster FedAvg) for 100/1,000 adapters on
 full vectors and 100/1,000/10,000 with ``server.kmeans_dims: 256``. The last line printed is the JSON.
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fltac.client.train import job_seed, task_loss, train_all_together, train_job
+from fltac.client.train import job_seed, task_loss, train_all_together, train_fast_path, train_job
 from fltac.config import load_config
 from fltac.data.batches import TokenStore
 from fltac.experiment import build_experiment
@@ -86,24 +90,24 @@ def round_jobs(exp) -> tuple[dict, dict]:
             {(j.client, j.key): job_seed(exp.cfg.seed, 1, j.client, j.key) for j in exp.jobs})
 
 
-def shared_pass_throughput(exp, steps: int) -> tuple[float, float]:
-    """(training tokens/s, seconds) of all of round 1's adapters trained in shared backbone passes
-    (``train.adapters_per_pass``), each for ``steps`` steps: the fast path's step at the default's shapes."""
-    starts, seeds = round_jobs(exp)
+def shared_pass_throughput(exp, steps: int, batching: str, adapters_per_pass: int | None = None) -> float:
+    """Training tokens/s of all of round 1's adapters trained in shared backbone passes in layout ``batching``
+    (``train.batching``), each job given ``steps`` steps (a routed client: ``steps x`` its jobs), optionally
+    at another ``train.adapters_per_pass`` (1: every client alone, as a Flower client trains)."""
+    starts, _ = round_jobs(exp)
+    cfg = replace(exp.cfg.train, batching=batching, adapters_per_pass=adapters_per_pass or exp.cfg.train.adapters_per_pass)
     jobs = [replace(j, steps=steps) for j in exp.jobs]
-    train_all_together(exp.model, exp.train_store, [replace(j, steps=1) for j in jobs[:4]], starts, exp.cfg.train,
-                       seeds)  # warm-up
+    train_fast_path(exp.model, exp.train_store, [replace(j, steps=1) for j in jobs[:4]], starts, cfg, 0, 1)  # warm-up
     t0 = time.perf_counter()
-    results = train_all_together(exp.model, exp.train_store, jobs, starts, exp.cfg.train, seeds)
-    seconds = time.perf_counter() - t0
-    return sum(tokens for _, _, tokens in results.values()) / seconds, seconds
+    results = train_fast_path(exp.model, exp.train_store, jobs, starts, cfg, exp.cfg.seed, 1)
+    return sum(tokens for _, _, tokens in results.values()) / (time.perf_counter() - t0)
 
 
 def ours_round_seconds(exp) -> float:
     """Training time of one round of the default run, as the in-process engine trains it (the fast path)."""
-    starts, seeds = round_jobs(exp)
+    starts, _ = round_jobs(exp)
     t0 = time.perf_counter()
-    train_all_together(exp.model, exp.train_store, exp.jobs, starts, exp.cfg.train, seeds)
+    train_fast_path(exp.model, exp.train_store, exp.jobs, starts, exp.cfg.train, exp.cfg.seed, 1)
     return time.perf_counter() - t0
 
 
@@ -205,6 +209,7 @@ def aggregation_seconds(counts: list[int], template: dict[str, torch.Tensor], lo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--training-only", action="store_true", help="stop after the training tokens/s")
     args = ap.parse_args()
     steps = 8 if args.quick else 24
     result: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -231,15 +236,23 @@ def main() -> None:
             load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": name}))
         experiments[name] = e
         tok_s, seq = train_throughput(e, steps)
-        shared_tok_s, _ = shared_pass_throughput(e, steps)
         fpt = flops_per_token(e.model, seq)
         per_dtype[name] = {"one_adapter_tokens_per_s": round(tok_s), "one_adapter_mfu": round(tok_s * fpt / peak, 4),
-                           "shared_pass_tokens_per_s": round(shared_tok_s),
-                           "shared_pass_mfu": round(shared_tok_s * fpt / peak, 4), "attention": e.attn}
+                           "attention": e.attn}
+        for label, batching, per_pass in (("routed", "routed", None), ("routed_clients_alone", "routed", 1),
+                                          ("per_adapter", "per_adapter", None)):
+            shared_tok_s = shared_pass_throughput(e, max(1, steps // 4) if batching == "routed" else steps, batching,
+                                                  per_pass)
+            per_dtype[name][f"{label}_tokens_per_s"] = round(shared_tok_s)
+            per_dtype[name][f"{label}_mfu"] = round(shared_tok_s * fpt / peak, 4)
+        note(f"{name} training throughput done")
     result["training"] = per_dtype
     result["adapters_per_round"] = len(exp.jobs)
     chosen = "bfloat16" if "bfloat16" in result["dtype"].split(" ")[0] else "float32"
-    result["mfu"] = per_dtype[chosen]["shared_pass_mfu"]
+    result["mfu"] = per_dtype[chosen]["routed_mfu"]
+    if args.training_only:
+        print(json.dumps(result))
+        return
     note("throughput done; rounds next")
 
     result["round_seconds"] = round(ours_round_seconds(exp), 1)

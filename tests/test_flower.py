@@ -22,12 +22,15 @@ from conftest import tiny_config_overrides
 
 from fltac.config import load_config, set_dotted
 from fltac.engines.inprocess import run
+from fltac.models.backbone import bf16_support
 
 pytestmark = pytest.mark.flower
 
 REPO = Path(__file__).resolve().parents[1]
 NETNS = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip") is not None
 needs_netns = pytest.mark.skipif(not NETNS, reason="needs root and unshare/ip to keep Flower on loopback")
+BF16 = bf16_support(torch.device("cpu"))[0]
+needs_bf16 = pytest.mark.skipif(not BF16, reason="the CPU reports no bf16 units (AMX / AVX512-BF16)")
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
@@ -45,10 +48,12 @@ def _write_config(path: Path, overrides: dict) -> Path:
     return path
 
 
-def in_loopback_netns(command: str, scratch: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``command`` (bash) in a new network namespace with only ``lo`` up; sample ``ss -tn`` meanwhile."""
-    script = (f"ip link set lo up; (for i in $(seq 1 40); do ss -tn state established >> {scratch}/ss.txt; "
-              f"sleep 1; done) & SAMPLER=$!; {command}; rc=$?; kill $SAMPLER 2>/dev/null; exit $rc")
+def in_loopback_netns(command: str, scratch: Path, timeout: float, setup: str = "") -> subprocess.CompletedProcess:
+    """Run ``command`` (bash) in a new network namespace with only ``lo`` up (then ``setup``); sample
+    ``ss -tn`` (established, into ss.txt) and ``ss -ltnup`` (listening, into listen.txt) meanwhile."""
+    script = (f"ip link set lo up; {setup + ';' if setup else ''} (for i in $(seq 1 80); do "
+              f"ss -tn state established >> {scratch}/ss.txt; ss -Hltnup >> {scratch}/listen.txt; sleep 0.5; done) "
+              f"& SAMPLER=$!; {command}; rc=$?; kill $SAMPLER 2>/dev/null; exit $rc")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(scratch / "flwr_home"), "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(REPO / "src")}
@@ -69,6 +74,19 @@ def only_loopback(ss_file: Path) -> list[str]:
             if not all(a.startswith(("127.", "[::1]", "[::ffff:127.")) for a in addrs):
                 bad.append(line)
     return bad
+
+
+def not_loopback_listeners(listen_file: Path) -> tuple[list[str], set[str]]:
+    """(sampled listening sockets whose local address is not on 127.0.0.0/8 or ::1, the processes seen listening)."""
+    bad, processes = [], set()
+    for line in listen_file.read_text().splitlines() if listen_file.exists() else []:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        processes.update(p.split('"')[1] for p in line.split("((")[1:] if '"' in p)
+        if not fields[4].startswith(("127.", "[::1]", "[::ffff:127.")):
+            bad.append(line)
+    return bad, processes
 
 
 # ---- codec (no Ray) ------------------------------------------------------------------------------------
@@ -106,11 +124,22 @@ def test_codec_roundtrip_shares_cluster_adapters():
 
 # ---- simulation vs in-process ----------------------------------------------------------------------------
 
+def _same_adapter_files(a: Path, b: Path) -> None:
+    """Every adapter file of run ``a`` (global adapters per round, FL-TAC's submissions) is byte-identical in ``b``."""
+    names = sorted(f.name for f in (a / "adapters").glob("*.safetensors"))
+    assert names and names == sorted(f.name for f in (b / "adapters").glob("*.safetensors"))
+    for name in names:
+        assert (a / "adapters" / name).read_bytes() == (b / "adapters" / name).read_bytes(), name
+
+
 @needs_netns
-def test_flower_sim_matches_inprocess(tiny_bert, csv_scenario, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_bf16)])
+def test_flower_sim_matches_inprocess(dtype, tiny_bert, csv_scenario, tmp_path):
+    """Ray simulation vs the in-process engine (all clients in shared passes), at the default layout
+    (``train.batching: routed``): the same adapters, byte for byte, in fp32 and in bf16."""
     ref_out, sim_out = tmp_path / "inprocess", tmp_path / "flower"
-    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, ref_out)), quiet=True)
-    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, sim_out))
+    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, ref_out, dtype=dtype)), quiet=True)
+    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, sim_out, dtype=dtype))
     proc = in_loopback_netns(f"{sys.executable} -m fltac run --config {config} --engine flower-sim --quiet",
                              tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -135,6 +164,27 @@ def test_flower_sim_matches_inprocess(tiny_bert, csv_scenario, tmp_path):
     rounds = [m for m in sim_lines if m["phase"] == "round"]
     assert all(m["uplink_bytes"] > 0 and m["downlink_bytes"] > 0 and m["dropped"] == 0 for m in rounds)
     assert sim["uplink_bytes"] == sum(m["uplink_bytes"] for m in rounds)
+    _same_adapter_files(ref_out, sim_out)
+
+
+@needs_netns
+def test_flower_sim_keeps_ray_on_loopback(tiny_bert, csv_scenario, tmp_path):
+    """Ray binds only 127.0.0.1 although the host has a routable address and a default route.
+
+    The namespace stands for a host with a routable interface: 192.0.2.10 (TEST-NET-1) on its loopback
+    device with the default route through it, so Ray's own address probe (a UDP connect to 8.8.8.8)
+    answers 192.0.2.10, and without fltac's settings Ray listens there and on all addresses. Every
+    packet stays inside the namespace. Every listening socket sampled during the run must be on loopback.
+    """
+    config = _write_config(tmp_path / "tiny.yaml", _overrides(tiny_bert, csv_scenario, tmp_path / "flower"))
+    routable = "ip addr add 192.0.2.10/24 dev lo && ip route add default dev lo"
+    proc = in_loopback_netns(f"{sys.executable} -m fltac run --config {config} --engine flower-sim --quiet",
+                             tmp_path, timeout=300, setup=routable)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    bad, processes = not_loopback_listeners(tmp_path / "listen.txt")
+    assert {"gcs_server", "raylet"} <= processes, processes  # the sample saw Ray running
+    assert not bad, bad
+    assert not only_loopback(tmp_path / "ss.txt")
 
 
 # ---- a real local deployment -----------------------------------------------------------------------------
@@ -257,6 +307,25 @@ def test_every_method_gives_the_inprocess_result_through_flower_messages(method,
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0  # wire bytes: the tensors plus their names
+
+
+@needs_bf16
+@pytest.mark.parametrize("method", ["fltac", "fedit"])
+def test_flower_clients_give_the_inprocess_adapters_byte_for_byte_in_bf16(method, tiny_bert, csv_scenario, tmp_path,
+                                                                          task_identity):
+    """The defaults (routed batches, fast path) on a bf16 backbone: the in-process engine trains every client
+    of a round in shared passes, each Flower client (the real ClientApp) its own adapters alone; every
+    adapter file is the same bytes. 4 skewed clients, so clients hold different numbers of tasks."""
+    tasks = [{k: v for k, v in t.items() if k != "client_column"} for t in csv_scenario["tasks"]]
+    from fltac.engines.flower import FlowerEngine
+
+    extra = {"method": method, "dtype": "bfloat16", "data.custom_tasks": tasks, "partition.n_clients": 4,
+             "partition.alpha": 0.3}
+    run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    assert cfg.train.batching == "routed" and cfg.train.adapters_per_pass > 1
+    FlowerEngine(cfg, ScriptedGrid(4, {}), quiet=True).run()
+    _same_adapter_files(tmp_path / "ref", tmp_path / "flower")
 
 
 def test_centralized_is_refused_before_flower_starts(tmp_path):

@@ -92,7 +92,7 @@ def test_missing_file_raises_adapter_file_error(tmp_path):
 def test_adapter_file_error_is_a_cli_user_error():
     from fltac.cli import user_errors
 
-    assert issubclass(AdapterFileError, user_errors())  # fltac.io is imported here, so its error is listed
+    assert issubclass(AdapterFileError, user_errors())
 
 
 def test_write_json_content_and_no_leftovers(tmp_path):

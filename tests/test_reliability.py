@@ -559,17 +559,25 @@ def _rewrite_checkpoint(folder: Path, how: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("how, words", [("truncated", "not a valid safetensors file"),
-                                        ("malformed", "not a valid safetensors file"),
-                                        ("rank", "made for LoRA rank 8; this run uses rank 4"),
-                                        ("backbone", "made for another backbone")])
-def test_unusable_checkpoint_file_is_a_one_line_error(how, words, half_run, tiny_model, tasks, tmp_path):
+@pytest.mark.parametrize("how, legacy, words", [("truncated", False, "is damaged (its SHA-256 differs"),
+                                                ("rank", False, "is damaged (its SHA-256 differs"),
+                                                ("truncated", True, "not a valid safetensors file"),
+                                                ("malformed", True, "not a valid safetensors file"),
+                                                ("rank", True, "made for LoRA rank 8; this run uses rank 4"),
+                                                ("backbone", True, "made for another backbone")])
+def test_unusable_checkpoint_file_is_a_one_line_error(how, legacy, words, half_run, tiny_model, tasks, tmp_path):
+    """The checkpoint's recorded SHA-256 catches any change to its tensors; a checkpoint written before
+    file hashes (``legacy``: no ``files`` in latest.json) still gets the file's own problem named."""
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(half_run, copy)
     path = _rewrite_checkpoint(copy, how)
-    with pytest.raises(io.AdapterFileError) as err:
+    if legacy:
+        meta = io.read_json(copy / "checkpoint" / "latest.json")
+        del meta["files"]
+        io.write_json(copy / "checkpoint" / "latest.json", meta)
+    with pytest.raises(io.RunFileError) as err:
         run(make_cfg(tiny_model, copy), tasks=tasks, quiet=True, resume=True)
     msg = str(err.value)
     assert str(path) in msg and words in msg and "\n" not in msg, msg

@@ -131,3 +131,27 @@ def test_progress_estimates_the_time_left():
     quiet = io.StringIO()
     Progress("x", 3, enabled=False, stream=quiet, interval=0).step()
     assert quiet.getvalue() == ""
+
+
+def test_projection_rebuilds_exactly_the_vectors_the_server_clustered(tiny_bert, csv_scenario, tmp_path, monkeypatch):
+    """A run that clusters randomly projected updates: the report's vectors are the very ones the server's
+    K-means got (same tensors, update from each job's start adapter, normalisation, kmeans_dims projection)."""
+    from fltac.config import load_config
+    from fltac.engines.inprocess import run
+    from fltac.server.strategies import FLTAC
+
+    from conftest import tiny_config_overrides
+
+    seen = []
+    features = FLTAC.features
+    monkeypatch.setattr(FLTAC, "features", lambda self, subs: seen.append(features(self, subs)) or seen[-1])
+    cfg = load_config(None, {**tiny_config_overrides(tiny_bert, tmp_path / "run"), "method": "fltac",
+                             "data.scenario": "custom", "data.custom_tasks": csv_scenario["tasks"],
+                             "server.cluster_on": "update", "server.kmeans_dims": 6})
+    run(cfg, quiet=True)
+    monkeypatch.undo()
+    finished = load_run(tmp_path / "run")
+    for r in (1, 2):
+        feats, tasks, clusters = kmeans_features(finished, r)
+        assert feats.shape == (len(clusters), 6) and len(set(tasks)) == 2
+        np.testing.assert_array_equal(feats, seen[r - 1])

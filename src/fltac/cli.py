@@ -4,6 +4,7 @@
               [--engine flower-sim]
     fltac partition --scenario text5 [--alpha 0.1] [--save partition.csv]
     fltac report RUN_DIR [RUN_DIR ...] [--out DIR]
+    fltac compare --config configs/text5.yaml --methods fltac fedit centralized --seeds 42 43 44 --out DIR [--alpha 0.1]
     fltac export RUN_DIR --out DIR [--round N]
     fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME]
     fltac pretrain-vit [--out DIR] [--epochs N] [--seed S] [--threads N]
@@ -14,22 +15,28 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 
 import fltac
-from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override
+from fltac.config import FLAG_KEYS, ConfigError, key_doc, load_config, parse_override, read_value
 
-#: Errors that are the user's to fix: printed as one line, exit code 2, no traceback. Named by module, so that
-#: ``fltac --help`` and a config error import no torch, peft or transformers (see :func:`user_errors`).
+#: Errors that are the user's to fix (their input, files or environment): printed as one line, exit code 2, no
+#: traceback (unless --debug or FLTAC_DEBUG=1); anything else is an internal error and keeps its traceback. Named
+#: by module, so that ``fltac --help`` and a config error import no torch, peft or transformers
+#: (see :func:`user_errors`); OSError (a file or folder the system refuses) is always one.
 USER_ERRORS = {"fltac.config": "ConfigError", "fltac.assets": "AssetMissing", "fltac.models.backbone": "ModelLoadError",
-               "fltac.io": "AdapterFileError", "fltac.models.adapters": "AdapterMismatch",
+               "fltac.io": "RunFileError", "fltac.models.adapters": "AdapterMismatch",
                "fltac.data.hub": "HubUnavailable", "fltac.server.strategies": "AggregationError"}
+#: Set to 1 to see the traceback of a user error, as --debug does.
+DEBUG_ENV = "FLTAC_DEBUG"
 
 
 def user_errors() -> tuple[type, ...]:
-    """The :data:`USER_ERRORS` classes of the modules imported so far: one whose module never loaded cannot
-    have been raised, and importing it to find out would cost seconds."""
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
+    """The :data:`USER_ERRORS` classes of the modules imported so far (one whose module never loaded cannot
+    have been raised, and importing it to find out would cost seconds), and OSError."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
+                 if module in sys.modules) + (OSError,)
 
 
 #: Other names a flag answers to: ``--out`` everywhere a command writes somewhere (old names kept).
@@ -73,17 +80,16 @@ def _add_config_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
                         "every key, its help and default: docs/configuration.md")
 
 
-def config_from_args(args: argparse.Namespace):
-    import yaml
-
+def config_from_args(args: argparse.Namespace, fixed: dict | None = None):
+    """The RunConfig of the config file, flags and --override of ``args``, then the ``fixed`` {dotted key: value}."""
     overrides = {}
     for name, value in vars(args).items():
         if name.startswith("flag_") and value is not None:
-            overrides[FLAG_KEYS[name[5:]]] = yaml.safe_load(value)
+            overrides[FLAG_KEYS[name[5:]]] = read_value(FLAG_KEYS[name[5:]], value)
     for text in args.override:
         key, value = parse_override(text)
         overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, {**overrides, **(fixed or {})})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", "--output_dir", dest="out", metavar="DIR",
                      help="where the report goes (default: the first RUN_DIR)")
+
+    cmp = sub.add_parser("compare", help="run methods x seeds of one config (resumable), then tables of mean ± std "
+                                         "over seeds (comparison.md, comparison.csv) and the report's plots")
+    _add_config_flags(cmp, [f for f in FLAG_KEYS if f not in ("method", "seed", "output_dir")])
+    cmp.add_argument("--methods", nargs="+", default=["fltac", "fedit", "centralized"], metavar="METHOD",
+                     help="methods to compare (default: fltac fedit centralized)")
+    cmp.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], metavar="SEED",
+                     help="seeds each method runs with (default: 42 43 44); the spread is over these")
+    cmp.add_argument("--out", metavar="DIR", required=True,
+                     help="one run folder per pair (DIR/<method>_seed<seed>/; a finished one is not rerun, an "
+                          "interrupted one resumes), then comparison.md, comparison.csv and report.md here")
+    cmp.add_argument("--quiet", action="store_true", help="no progress lines")
 
     exp = sub.add_parser("export", help="write a run's global adapters as peft folders (+ labels.json, and a "
                                         "README.md on using them)")
@@ -215,6 +233,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from fltac.compare import check_distinct, command_line, compare, pair_dir  # heavy imports: only when it runs
+
+    check_distinct("--methods", args.methods)
+    check_distinct("--seeds", args.seeds)
+    configs = {(m, s): config_from_args(args, {"method": m, "seed": s, "output_dir": str(pair_dir(args.out, m, s))})
+               for m in args.methods for s in args.seeds}
+    md = compare(configs, args.out, command_line(args), quiet=args.quiet)
+    print(f"wrote {md}, {md.with_suffix('.csv')} and {md.parent / 'report.md'}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from fltac.export import export_run
 
@@ -249,13 +279,40 @@ def cmd_pretrain_vit(args) -> int:
     return 0
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints: ``fltac: error: <what, naming the file or key>``."""
+    if isinstance(exc, OSError) and exc.strerror:  # the file and the system's reason, without '[Errno n]'
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror}" + (f" ({exc.filename2})" if exc.filename2 else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return "fltac: error: " + " ".join(text.split())
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on the command and on every subcommand: show a user error's traceback."""
+    helper = f"show the traceback of an error (also: {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=helper)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=helper)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The error boundary: a user error is one line on stderr and exit code 2; ``--debug`` (or FLTAC_DEBUG=1)
+    re-raises it with its traceback; internal errors always keep theirs."""
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "export": cmd_export,
-                "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
+        return {"run": cmd_run, "partition": cmd_partition, "report": cmd_report, "compare": cmd_compare,
+                "export": cmd_export, "predict": cmd_predict, "pretrain-vit": cmd_pretrain_vit}[args.command](args)
     except user_errors() as exc:
-        print(f"fltac: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(error_line(exc), file=sys.stderr)
         return 2
 
 

@@ -183,19 +183,33 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     rounds: int = _help("Communication rounds.", 4)
-    local_steps: int = _help("Optimizer steps per (client, task) adapter per round.", 4)
+    local_steps: int = _help(
+        "A client's round budget, per task it holds: with batching 'routed' every client takes local_steps x "
+        "(tasks held) steps of batch_size rows drawn from all its tasks, whatever the method; with 'per_adapter' "
+        "each per-task adapter takes local_steps steps of its own (FedIT's one adapter local_steps x tasks held).", 4)
     batch_size: int = _help("Examples per local step.", 16)
+    batching: Literal["routed", "per_adapter"] = _help(
+        "How a client's round is batched. routed: one budget for every method, equal in rows and sequential "
+        "steps: the client draws mixed batches of batch_size rows from all the tasks it holds (in proportion to "
+        "its data, local_steps x tasks held steps, seeded per client and round: the batches FedIT trains on), "
+        "and each row trains the adapter of its task (FL-TAC: each adapter steps on the mean loss of its own "
+        "rows in a step, and takes no step when it has none); centralized runs the rounds' total steps on the "
+        "pooled data. per_adapter: the FL-TAC paper's literal layout: each (client, task) adapter takes "
+        "local_steps full batches of its own task, so it takes fewer sequential steps than FedIT's one adapter.",
+        "routed")
     lr: float = _help("AdamW learning rate for LoRA matrices and the classification head.", 3e-3)
     backbone_lr: float = _help("AdamW learning rate of the backbone's own weights, when they are trained "
                                "(fedavg_full; safedlora's initiating stage with init_train: full).", 5e-5)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     fraction_fit: float = _help("Fraction of clients sampled each round (seeded); 1.0 = full participation.", 1.0)
     adapters_per_pass: int = _help(
-        "Fast path: up to this many adapters (a round's jobs with the same number of steps, any clients) share "
-        "every backbone pass, each with its own rows, dropout draws and AdamW state, so results equal training "
-        "them one by one up to float rounding (docs/performance.md). Used when the method's clients run no "
-        "hooks (fltac, fedit, centralized), the backbone has no dropout and reliability.client_timeout_s is "
-        "null (one shared pass cannot time one client); otherwise, or with 1, adapters train one at a time.", 64)
+        "Fast path: up to this many adapters (any clients) share every backbone pass, each with its own rows, "
+        "dropout draws and AdamW state (docs/performance.md). Used when the method's clients run no hooks "
+        "(fltac, fedit, centralized), the backbone has no dropout and reliability.client_timeout_s is null (one "
+        "shared pass cannot time one client). batching routed: clients are never split (a client's adapters "
+        "always share its own steps' passes) and results are bit-identical to each client trained alone, as a "
+        "Flower client trains; 1 = every client alone. per_adapter: jobs with the same number of steps share "
+        "passes, equal to one-by-one training up to float rounding; 1 = adapters one at a time.", 64)
     pass_tokens: int = _help(
         "Fast path: padded tokens (rows x width) per forward pass. A step's batches beyond it run as several "
         "passes bucketed by length (gradients accumulate), bounding activation memory. Causal LMs: a pass's "
@@ -484,6 +498,10 @@ class RunConfig:
         _check(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0, "backbone_dropout",
                "must lie in [0, 1) or be null")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be at least 1")
+        _check(self.backbone_dropout == 0.0 or self.train.batching == "per_adapter"
+               or METHODS[self.method].layout == "shared", "backbone_dropout",
+               f"must be 0 with train.batching routed for method {self.method}: a routed step trains a client's "
+               f"adapters in shared passes, which needs a backbone without dropout (or set train.batching: per_adapter)")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.method in ("hafl", "hetlora"):
@@ -758,12 +776,22 @@ def key_doc(dotted: str) -> KeyDoc:
     return KeyDoc(dotted, fld.metadata.get("help", ""), default, choices, type_name)
 
 
+def read_value(key: str, raw: str) -> Any:
+    """A command-line value read as YAML (``1e-3``, ``[query,value]``, ``null``); bad YAML is a ConfigError naming ``key``."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config key '{key}': the value {raw!r} is not valid YAML "
+                          f"({' '.join(str(exc).split())})") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value")
     key, raw = text.split("=", 1)
-    return resolve_key(key.strip()), yaml.safe_load(raw)
+    key = resolve_key(key.strip())
+    return key, read_value(key, raw)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -56,7 +56,20 @@ def read_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"{run_dir} is not a run folder: it has no config.json")
-    return from_dict(io.read_json(path))
+    try:
+        return from_dict(io.read_json(path, keys=()))
+    except ConfigError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+
+
+def check_run_files(run_dir: Path) -> None:
+    """The files an export reads must have the SHA-256 the run's last checkpoint recorded (when it has one)."""
+    from fltac.engines.inprocess import recorded_line_counts
+
+    pointer = run_dir / "checkpoint" / "latest.json"
+    if pointer.is_file():
+        meta = io.read_json(pointer, keys=())
+        io.check_recorded_files(run_dir, meta.get("files", {}), recorded_line_counts(meta), pointer)
 
 
 def read_tasks(run_dir: Path, cfg: RunConfig) -> list[dict]:
@@ -196,7 +209,11 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     ``export`` says which).
     """
     run_dir, out = Path(run_dir), Path(out)
+    problem = io.folder_problem(out)
+    if problem:
+        raise ExportError(f"--out {problem}")
     cfg = read_run_config(run_dir)
+    check_run_files(run_dir)
     method = method_of(cfg.method)
     if method.export is None:  # e.g. a trained backbone / an SVD adapter: not a peft LoRA folder
         raise ExportError(f"{run_dir} is a {cfg.method} run: export writes peft LoRA adapters and does not support "
@@ -259,7 +276,9 @@ def load_exported(folder: str | Path, backbone: str | None = None, dtype: torch.
     if not (folder / LABELS).is_file() or not (folder / "adapter_config.json").is_file():
         raise ExportError(f"{folder} is not an exported adapter folder (no {LABELS} or adapter_config.json); "
                           f"make one with: fltac export RUN_DIR --out DIR")
-    labels = io.read_json(folder / LABELS)
+    labels = io.read_json(folder / LABELS, keys=("backbone", "num_labels", "max_length", "tasks"))
+    io.read_json(folder / "adapter_config.json", keys=("peft_type",))  # peft's own reader gives no file name
+    io.load_tensors(folder / "adapter_model.safetensors")  # a truncated file: one line naming it
     path = backbone or labels["backbone"]
     try:
         with head_report_silenced():
@@ -279,7 +298,7 @@ def load_exported(folder: str | Path, backbone: str | None = None, dtype: torch.
 def predict(folder: str | Path, texts: list[str], task: str | None = None, backbone: str | None = None) -> list[dict]:
     """Per text ``{task: {"label", "probability", "probabilities": {label: p}}}``: the argmax over each task's
     own output slice (only ``task`` if given), with the softmax over that slice."""
-    served = io.read_json(Path(folder) / LABELS)["tasks"] if (Path(folder) / LABELS).is_file() else []
+    served = io.read_json(Path(folder) / LABELS, keys=("tasks",))["tasks"] if (Path(folder) / LABELS).is_file() else []
     tasks = [t for t in served if task is None or t["name"] == task]
     if served and not tasks:
         raise ExportError(f"task '{task}' is not served by {folder} (it serves {[t['name'] for t in served]})")

@@ -34,7 +34,7 @@ class Method:
     strategy: str              # "module:function", the factory (cfg, initial, n_tasks, lora_keys) -> Strategy
     default_rank: int | None   # LoRA rank when lora.rank is null; None: the method takes no lora.rank
     trains_backbone: bool = False   # the backbone itself is trained (fp32 masters, a staged model)
-    client_hooks: bool = False      # its broadcasts carry hook settings (so its clients train one by one)
+    client_hooks: bool = False      # its broadcasts carry hook settings (checked by tests/test_contract.py)
     export: Literal["per_task", "one"] | None = "per_task"  # peft folders: one per task, one in all, or none
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``

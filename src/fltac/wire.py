@@ -47,6 +47,11 @@ HOOK_PROXIMAL = "proximal_mu"
 HOOK_SVD_ANNEAL = "svd_anneal"
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether ``key`` names a LoRA factor (``lora_A`` / ``lora_B``) of a plain LoRA adapter state."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
 def lora_modules(keys) -> list[str]:
     """Adapted module names (sorted) of the ``lora_A`` keys among ``keys``."""
     return sorted(k[: -len(A_SUFFIX)] for k in keys if k.endswith(A_SUFFIX))

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fltac.client.hooks import make_hooks
-from fltac.client.train import job_seed, train_job
+from fltac.client.train import job_seed, train_all_routed, train_job
 from fltac.config import RunConfig
 from fltac.engines.faults import run_client, tamper
+from fltac.models.adapters import AdapterModel
 from fltac.wire import Upload
 
 
@@ -45,6 +46,14 @@ def sent_part(b) -> dict:
     return start
 
 
+def uses_bank(model, cfg: RunConfig, broadcasts: list) -> bool:
+    """Whether a client's adapters can train in shared backbone passes (:mod:`fltac.models.bank`): a plain
+    LoRA classifier or causal LM (not a staged backbone), no client hooks (their per-adapter terms act on
+    one adapter's tensors) and no backbone dropout (its draws would span adapters)."""
+    return (isinstance(model, AdapterModel) and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM")
+            and cfg.backbone_dropout == 0.0 and not any(b.config for b in broadcasts))
+
+
 def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list, broadcasts: dict,
                  task_names: list[str], bar=None, trained: dict | None = None) -> ClientResult:
     """Train one client's jobs of round ``r`` from its broadcasts, under its injected faults and time limit.
@@ -53,14 +62,19 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     in turn on its one model; the Flower ClientApp calls it on the SuperNode's own model and data
     (:mod:`fltac.engines.flower`). A client that raises or runs late is dropped whole for the round
     (:func:`fltac.engines.faults.run_client`); attackers and corruptions alter what is sent (:func:`tamper`).
-    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_all_together`),
+    ``trained``: results of jobs already trained on the fast path (:func:`fltac.client.train.train_fast_path`),
     keyed by (client, key); the client then only meets its faults, as if it had trained them itself.
+    With ``train.batching: routed`` on a bank-capable model (:func:`uses_bank`), a client not in ``trained``
+    trains its jobs together in the routed layout, alone (:func:`fltac.client.train.train_all_routed`): the
+    computation the fast path does for it beside the other clients, bit for bit.
     ``bar`` counts adapter steps (a job's ``steps``): it advances with every step this client trains, and by
     the rest of the client's steps when it fails; steps trained on the fast path were counted there.
     """
     rel, bar = cfg.reliability, bar or _NoBar()
     out = ClientResult()
     counted = [sum(j.steps for j in cjobs if trained is not None and (j.client, j.key) in trained)]
+    done = dict(trained or {})
+    routed = cfg.train.batching == "routed" and uses_bank(model, cfg, list(broadcasts.values()))
 
     def on_step(n: int) -> None:
         counted[0] += n
@@ -69,8 +83,11 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     def train(job):
         b = broadcasts[job.key]
         hooks = make_hooks(b.config, b.state)
-        if trained is not None and (job.client, job.key) in trained:
-            state, losses, n_tok = trained[(job.client, job.key)]
+        if routed and (job.client, job.key) not in done:  # the client's first job: all its jobs, together
+            done.update(train_all_routed(model, store, cjobs, {(j.client, j.key): broadcasts[j.key].state
+                                                               for j in cjobs}, cfg.train, cfg.seed, r, on_step))
+        if (job.client, job.key) in done:
+            state, losses, n_tok = done[(job.client, job.key)]
         else:
             state, losses, n_tok = train_job(model, b.state, store, job, cfg.train,
                                              job_seed(cfg.seed, r, job.client, job.key), hooks, on_step)

@@ -6,12 +6,28 @@ layout in the registry (:mod:`fltac.methods`: ``per_task``, ``shared`` or ``pool
 
 Jobs carry an opaque key (:func:`fltac.wire.job_key`: ``a0``, ``a1``, ...): the server never learns which
 task a job trained.
+
+How a client spends its round (``train.batching``):
+
+- ``routed`` (default): one budget for every method, equal in rows and in sequential steps. A client
+  draws one stream of mixed batches from the rows of all its jobs (:class:`Route`): ``batch_size`` rows per
+  step from all the tasks it holds, in proportion to its data, for the sum of its jobs' steps
+  (``local_steps x tasks held``), seeded per client and round: exactly the batches a ``shared`` client's
+  one job (FedIT's) draws. Each row trains the adapter of its own job (task); each adapter steps on the
+  mean loss of its rows in that step, and an adapter without a row in a step takes no step
+  (:mod:`fltac.client.optim`). A ``shared`` client has one job, so its route is its old job. The
+  ``pooled`` client (centralized) is one stream over all the pooled rows for ``local_steps x (sum over
+  tasks of the clients holding it)`` steps of ``batch_size`` rows: the rows and steps of all federated
+  clients of a round together, one step after another.
+- ``per_adapter`` (the FL-TAC paper's literal layout): each job draws its own ``local_steps`` full
+  batches from its own rows (:func:`train_job`), so a ``per_task`` client's adapters take fewer
+  sequential steps per round than a ``shared`` client's one adapter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +39,8 @@ from fltac.data.chat import LMBatch
 from fltac.methods import method_of, pooled_slots
 from fltac.models.adapters import AdapterModel
 from fltac.models.causal_lm import lm_loss, row_token_nll
-from fltac.models.bank import AdapterBank, Group
+from fltac.client.optim import StackedAdamW
+from fltac.models.bank import AdapterBank, Block, Group
 from fltac.wire import job_key
 
 
@@ -62,6 +79,52 @@ def plan_jobs(method: str, client_rows: list[list[np.ndarray]], local_steps: int
         else:
             jobs.extend(Job(k, job_key(i), (t,), rows[t], local_steps) for i, t in enumerate(held))
     return jobs
+
+
+@dataclass(frozen=True)
+class Route:
+    """One client's round in the routed layout: one stream of mixed batches over the rows of all its jobs.
+
+    ``rows`` are the jobs' rows concatenated in job order (for FedIT's one job: its rows; for FL-TAC's jobs:
+    the same rows in the same order, since both list a client's tasks in task order) and ``steps`` the
+    sum of the jobs' steps, so FL-TAC's and FedIT's clients draw the same batches from the same seed.
+    """
+
+    client: int
+    jobs: tuple[Job, ...]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.concatenate([job.rows for job in self.jobs])
+
+    @property
+    def steps(self) -> int:
+        return sum(job.steps for job in self.jobs)
+
+
+def plan_routes(jobs: list[Job]) -> list[Route]:
+    """The routes of ``jobs``: one per client, its jobs in their order."""
+    by_client: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_client.setdefault(job.client, []).append(job)
+    return [Route(client, tuple(cjobs)) for client, cjobs in by_client.items()]
+
+
+def route_seed(seed: int, round_: int, route: Route) -> int:
+    """The seed of a route's batches and dropout: its first job's :func:`job_seed` (FedIT's one job's)."""
+    return job_seed(seed, round_, route.client, route.jobs[0].key)
+
+
+def routed_batches(route: Route, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per step of ``route``: the step's rows (:func:`~fltac.data.batches.sample_batches` over the route's rows,
+    the draws FedIT makes) reordered so each job's rows are contiguous (stable), and the job index of each."""
+    rows = route.rows
+    job_of = np.repeat(np.arange(len(route.jobs)), [len(job.rows) for job in route.jobs])
+    order = np.argsort(rows, kind="stable")
+    for batch in sample_batches(rows, route.steps, batch_size, rng):
+        owner = job_of[order[np.searchsorted(rows, batch, sorter=order)]]
+        regroup = np.argsort(owner, kind="stable")
+        yield batch[regroup], owner[regroup]
 
 
 def row_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -137,17 +200,18 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
     return model.state(), torch.stack(losses).tolist(), tokens
 
 
-def micro_batches(widths: list[int], sizes: list[int], max_tokens: int) -> list[list[int]]:
-    """Adapters (indices) grouped into forward passes of at most ``max_tokens`` padded tokens each.
+def micro_batches(widths: list[int], sizes: list[int], max_tokens: int, same_width: bool = False) -> list[list[int]]:
+    """Batches (indices) grouped into forward passes of at most ``max_tokens`` padded tokens each.
 
-    Length bucketing: adapters are taken in order of their batch width, so each pass pads its rows
-    only to widths close to their own. An adapter's batch is never split (its dropout draws and its
-    loss stay whole); one whose batch alone exceeds ``max_tokens`` gets a pass of its own.
+    Length bucketing: batches are taken in order of their width, so each pass pads its rows only to
+    widths close to their own; with ``same_width`` a pass holds batches of one width only (no row is
+    padded beyond its own batch's width). A batch is never split (its dropout draws and its loss stay
+    whole); one that alone exceeds ``max_tokens`` gets a pass of its own.
     """
     passes, current, widest = [], [], 0
     for g in sorted(range(len(widths)), key=lambda i: (widths[i], i)):
         rows = sum(sizes[i] for i in current) + sizes[g]
-        if current and rows * max(widest, widths[g]) > max_tokens:
+        if current and (rows * max(widest, widths[g]) > max_tokens or (same_width and widths[g] != widest)):
             passes.append(current)
             current, widest = [], 0
         current.append(g)
@@ -161,9 +225,9 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
     """:func:`train_job` for several jobs at once, sharing every backbone pass (:mod:`fltac.models.bank`).
 
     Each job keeps its own batches (its seed's generator), its own dropout draws and its own AdamW state,
-    so the results equal one-by-one training up to float rounding. All jobs must take the same number of
-    steps (an adapter outside a step would still be moved by AdamW's momentum). The methods whose clients
-    use hooks train one by one instead. ``on_step(len(jobs))`` after every shared step: each job advanced one.
+    so the results equal one-by-one training up to float rounding (padding to a pass's widest batch and
+    matmul blocking). All jobs must take the same number of steps. The methods whose clients use hooks
+    train one by one instead. ``on_step(len(jobs))`` after every shared step: each job advanced one.
     """
     steps = {job.steps for job in jobs}
     if len(steps) != 1:
@@ -171,7 +235,7 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
     bank = AdapterBank(model, starts, seeds)
     samplers = [sample_batches(job.rows, job.steps, cfg.batch_size, np.random.default_rng(seed))
                 for job, seed in zip(jobs, seeds)]
-    opt = torch.optim.AdamW(list(bank.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = StackedAdamW(list(bank.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[list[torch.Tensor]] = [[] for _ in jobs]
     tokens = [0] * len(jobs)
     model.model.train()
@@ -180,19 +244,20 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
             rows = [next(sampler) for sampler in samplers]
             widths = [int(store.lengths[r].max()) for r in rows]
             for members in micro_batches(widths, [len(r) for r in rows], max_tokens):
-                groups, start = [], 0
+                groups, blocks, start = [], [], 0
                 for g in members:
-                    groups.append(Group(g, start, start + len(rows[g]), widths[g]))
+                    groups.append(Group(g, start, start + len(rows[g])))
+                    blocks.append(Block(g, start, start + len(rows[g]), widths[g]))
                     start += len(rows[g])
                 batch = store.batch(np.concatenate([rows[g] for g in members]))
-                bank.set_groups(groups)
+                bank.set_layout(groups, blocks)
                 per_job = group_losses(model.logits(**batch.model_inputs()), batch, groups)
                 torch.stack(per_job).sum().backward()
                 for grp, loss in zip(groups, per_job):
                     losses[grp.adapter].append(loss.detach())
                     tokens[grp.adapter] += int(store.lengths[rows[grp.adapter]].sum())
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             on_step(len(jobs))
     return [(state, torch.stack(job_losses).tolist(), n_tok)
             for state, job_losses, n_tok in zip(bank.states(), losses, tokens)]
@@ -216,3 +281,92 @@ def train_all_together(model: AdapterModel, store: TokenStore, jobs: list[Job], 
                                           [seeds[k] for k in ids], cfg.pass_tokens, on_step)
             out.update(zip(ids, results))
     return out
+
+
+def train_routes_together(model: AdapterModel, starts: list[list[dict[str, torch.Tensor]]], store: TokenStore,
+                          routes: list[Route], cfg: TrainConfig, seeds: list[int], max_tokens: int,
+                          on_step: OnStep = _no_progress) -> list[list[tuple[dict[str, torch.Tensor], list[float], int]]]:
+    """The routed layout's local training of several clients at once; per route, per job: (adapter, losses, tokens).
+
+    ``starts[i][j]``: the start adapter of job ``j`` of route ``i``; ``seeds[i]``: route ``i``'s seed (its
+    batches and its LoRA dropout draws, one generator per route). A step of a route is one *block* of rows
+    (never split), sorted by job; each of its jobs' adapters gets the mean loss of its own rows, and every
+    adapter with rows in the step takes one AdamW step after it, the others none (:class:`StackedAdamW`).
+    Routes with fewer steps simply stop taking part. ``on_step(n)`` after every step, ``n`` the routes in it
+    (a route's steps are the sum of its jobs' ``steps``, which a progress bar counts).
+
+    Passes hold whole blocks of ONE width (``micro_batches(..., same_width=True)``), so no row is padded
+    beyond its own block's width: a row's numbers then do not depend on which other blocks share its pass
+    (the backbone's matmuls and attention are computed row by row, measured bit-identical in bf16 for any
+    companions of the same width, not for wider padding), which makes a client trained alone (a Flower
+    client) give the very bytes it gets beside every other client of the round in one process.
+    """
+    first = np.cumsum([0] + [len(route.jobs) for route in routes])
+    bank = AdapterBank(model, [s for per_route in starts for s in per_route], seeds)
+    opt = StackedAdamW(list(bank.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    samplers = [routed_batches(route, cfg.batch_size, np.random.default_rng(seed)) for route, seed in zip(routes, seeds)]
+    losses: list[list[torch.Tensor]] = [[] for _ in range(len(bank))]
+    tokens = [0] * len(bank)
+    model.model.train()
+    with bank.installed():
+        for step in range(max(route.steps for route in routes)):
+            live = [i for i, route in enumerate(routes) if route.steps > step]
+            drawn = [next(samplers[i]) for i in live]
+            widths = [int(store.lengths[rows].max()) for rows, _ in drawn]
+            active = [False] * len(bank)
+            for members in micro_batches(widths, [len(rows) for rows, _ in drawn], max_tokens, same_width=True):
+                groups, blocks, start = [], [], 0
+                for m in members:
+                    rows, owner = drawn[m]
+                    blocks.append(Block(live[m], start, start + len(rows), widths[m]))
+                    for j in np.unique(owner):
+                        where = np.flatnonzero(owner == j)
+                        groups.append(Group(int(first[live[m]] + j), start + int(where[0]), start + int(where[-1]) + 1))
+                        tokens[groups[-1].adapter] += int(store.lengths[rows[where]].sum())
+                    start += len(rows)
+                batch = store.batch(np.concatenate([drawn[m][0] for m in members]))
+                bank.set_layout(groups, blocks)
+                per_group = group_losses(model.logits(**batch.model_inputs()), batch, groups)
+                torch.stack(per_group).sum().backward()
+                for grp, loss in zip(groups, per_group):
+                    losses[grp.adapter].append(loss.detach())
+                    active[grp.adapter] = True
+            opt.step(active)
+            opt.zero_grad()
+            on_step(len(live))
+    states = bank.states()
+    return [[(states[g], torch.stack(losses[g]).tolist() if losses[g] else [], tokens[g])
+             for g in range(first[i], first[i + 1])] for i in range(len(routes))]
+
+
+def train_all_routed(model: AdapterModel, store: TokenStore, jobs: list[Job], starts: dict, cfg: TrainConfig,
+                     seed: int, round_: int, on_step: OnStep = _no_progress
+                     ) -> dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[float], int]]:
+    """Every job of ``jobs`` trained in the routed layout (:func:`train_routes_together`), clients whole, in
+    banks of up to ``cfg.adapters_per_pass`` adapters (a client with more gets a bank of its own); keyed by
+    (client, key). ``starts``: per (client, key)."""
+    out, chunk, size = {}, [], 0
+    routes = plan_routes(jobs)
+    for i, route in enumerate(routes):
+        chunk.append(route)
+        size += len(route.jobs)
+        nxt = len(routes[i + 1].jobs) if i + 1 < len(routes) else None
+        if nxt is None or size + nxt > cfg.adapters_per_pass:
+            results = train_routes_together(model, [[starts[(j.client, j.key)] for j in r.jobs] for r in chunk],
+                                            store, chunk, cfg, [route_seed(seed, round_, r) for r in chunk],
+                                            cfg.pass_tokens, on_step)
+            for r, per_job in zip(chunk, results):
+                out.update({(j.client, j.key): res for j, res in zip(r.jobs, per_job)})
+            chunk, size = [], 0
+    return out
+
+
+def train_fast_path(model: AdapterModel, store: TokenStore, jobs: list[Job], starts: dict, cfg: TrainConfig,
+                    seed: int, round_: int, on_step: OnStep = _no_progress
+                    ) -> dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[float], int]]:
+    """A round's jobs trained in shared backbone passes, in the layout ``cfg.batching`` names: routed
+    (:func:`train_all_routed`) or per adapter (:func:`train_all_together`); keyed by (client, key)."""
+    if cfg.batching == "routed":
+        return train_all_routed(model, store, jobs, starts, cfg, seed, round_, on_step)
+    return train_all_together(model, store, jobs, starts, cfg,
+                              {(j.client, j.key): job_seed(seed, round_, j.client, j.key) for j in jobs}, on_step)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -331,6 +332,29 @@ def _client_train(msg: Message, context: Context) -> Message:
 
 # ---- simulation entry point ----------------------------------------------------------------------------
 
+#: Environment that keeps the simulation's Ray on 127.0.0.1, set before Ray is imported. Ray 2.x takes the
+#: node address from a UDP "connect" to 8.8.8.8:53 (the interface of the default route) and binds its GCS,
+#: raylet and workers on all interfaces, even with ``_node_ip_address="127.0.0.1"`` (that address is itself
+#: rewritten to the routable one). ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` turns off Ray's multi-node mode
+#: (the default on Windows and macOS): the node address is then 127.0.0.1 and every port binds there
+#: (measured on Ray 2.55: GCS, raylet, workers and the runtime-env agent all on 127.0.0.1). Usage reporting
+#: off: it would query the cloud metadata address and send a report.
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+#: ``ray.init`` arguments beside ``num_cpus``: the node on 127.0.0.1, no dashboard.
+RAY_INIT_ARGS = {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+
+
+def keep_ray_on_loopback() -> None:
+    """Set :data:`RAY_LOOPBACK_ENV` (a simulation is single-machine: nothing of Ray needs another address);
+    if Ray was already imported in this process, also set the flag it read at import."""
+    os.environ.update(RAY_LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+# ---- the simulation ----------------------------------------------------------------------------
+
 def run_simulation(cfg: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
                    log: tuple[str, ...] = (), num_cpus: int | None = None) -> dict:
     """Run ``cfg`` on Flower's simulation runtime (Ray): one virtual SuperNode per client.
@@ -339,8 +363,10 @@ def run_simulation(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     clients one after another as the in-process engine does).
     """
     refuse_unsupported(cfg)
+    InProcessEngine(cfg, resume=resume, overwrite=overwrite, quiet=True).check_output()  # before Ray starts
     for k, v in FLOWER_ENV.items():
         os.environ.setdefault(k, v)
+    keep_ray_on_loopback()
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     cpus = os.cpu_count() or 1
@@ -349,7 +375,7 @@ def run_simulation(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     app = make_server_app(cfg, outcome, resume=resume, overwrite=overwrite, quiet=quiet, log=log)
     flwr_run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.partition.n_clients,
                         backend_config={"client_resources": {"num_cpus": per_actor, "num_gpus": 0.0},
-                                        "init_args": {"num_cpus": cpus, "include_dashboard": False}})
+                                        "init_args": {"num_cpus": cpus, **RAY_INIT_ARGS}})
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:

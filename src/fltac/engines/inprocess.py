@@ -27,6 +27,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 from pathlib import Path
@@ -34,25 +35,30 @@ from pathlib import Path
 import numpy as np
 
 from fltac import io, rng
-from fltac.client.round import ClientResult, sent_part, train_client
-from fltac.client.train import job_seed, train_all_together
+from fltac.client.round import ClientResult, sent_part, train_client, uses_bank
+from fltac.client.train import train_fast_path
 from fltac.config import ConfigError, RunConfig, from_dict
+from fltac.data import load_tasks
 from fltac.engines.faults import required_clients
 from fltac.eval.progress import Progress, eta, format_seconds
 from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import AdapterModel, state_bytes
-from fltac.models.backbone import cpu_model
+from fltac.models.backbone import cpu_model, model_folder_problem
 from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
 from fltac.wire import Broadcast, Submission
 
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
 CHECKPOINT = "checkpoint"
-#: What a run writes into output_dir; all of it is removed by --overwrite, nothing else is.
+LATEST = "latest.json"  # the checkpoint's pointer: round, tensors file, strategy state, file hashes
+#: The marker a run writes first into output_dir (its run id): only a folder that carries it is ever
+#: cleared (--overwrite) or continued (--resume); a non-empty folder without it is refused.
+MARKER = "fltac-run.json"
 #: Per task: name, label names, offset in the shared output layer (for export), the majority-class accuracy of
 #: the test sample (for the report).
 TASKS = "tasks.json"
 GENERATIONS = "generations.jsonl"  # causal LM, last round: per judged pair, prompt, reference, prediction, score
+#: What a run writes into output_dir besides its marker; all of it is removed by --overwrite, nothing else is.
 RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard",
              GENERATIONS)
 #: Config keys that may differ between a run and its resume: they do not change any result.
@@ -97,6 +103,15 @@ def _with_defaults(snapshot: dict) -> dict:
         return snapshot
 
 
+def recorded_line_counts(meta: dict) -> dict[str, int]:
+    """The jsonl logs a checkpoint (``latest.json``) hashed, with the number of lines it hashed of each."""
+    return {METRICS: meta.get("metrics_lines", 0), CLUSTERS: meta.get("cluster_lines", 0)}
+
+
+def _listing(names: list[str], at_most: int = 6) -> str:
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Delete the temporary files (``.<name>.<random>.tmp``) a kill left behind in the run's folders."""
     for folder in (out, out / CHECKPOINT, out / "adapters"):
@@ -127,15 +142,12 @@ class Transport(Protocol):
 
 
 def trains_together(model, cfg: RunConfig, broadcasts: list) -> bool:
-    """Whether a round's adapters may share backbone passes (the fast path; see ``train.adapters_per_pass``).
-
-    Needs: more than one adapter per pass allowed; a plain LoRA classifier or causal LM (not a staged
-    backbone); no client hooks (their per-adapter terms act on one adapter's tensors); no backbone dropout
-    (its draws would span groups); and no client time limit (a shared pass cannot time one client).
-    """
-    return (cfg.train.adapters_per_pass > 1 and isinstance(model, AdapterModel)
-            and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM") and cfg.backbone_dropout == 0.0
-            and cfg.reliability.client_timeout_s is None and not any(b.config for b in broadcasts))
+    """Whether a round's adapters, all clients together, take the fast path (``train.adapters_per_pass``):
+    :func:`~fltac.client.round.uses_bank`, no client time limit (a shared pass cannot time one client) and, in
+    the per-adapter layout, more than one adapter per pass allowed (routed: 1 means every client alone, still
+    on the bank)."""
+    return ((cfg.train.adapters_per_pass > 1 or cfg.train.batching == "routed") and uses_bank(model, cfg, broadcasts)
+            and cfg.reliability.client_timeout_s is None)
 
 
 class InProcessTransport:
@@ -150,11 +162,11 @@ class InProcessTransport:
         jobs = [j for cjobs in jobs_of.values() for j in cjobs]
         trained = None
         if trains_together(self.model, cfg, [b for per in broadcasts.values() for b in per.values()]):
-            trained = train_all_together(self.model, self.store, jobs,
-                                         {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
-                                         cfg.train, {(j.client, j.key): job_seed(cfg.seed, r, j.client, j.key)
-                                                     for j in jobs},
-                                         lambda n: bar.step(n, note=f"{n} adapters per pass"))
+            trained = train_fast_path(self.model, self.store, jobs,
+                                      {(j.client, j.key): broadcasts[j.client][j.key].state for j in jobs},
+                                      cfg.train, cfg.seed, r, lambda n: bar.step(n, note=f"{n} clients per step"
+                                                                                 if cfg.train.batching == "routed"
+                                                                                 else f"{n} adapters per pass"))
         results, down = {}, 0
         for client, cjobs in jobs_of.items():
             distinct = {id(b.state): b.state for b in broadcasts[client].values()}  # a shared slot is sent once
@@ -184,6 +196,8 @@ class InProcessEngine:
         self.sinks = tuple(log)  # extra metric streams ('tensorboard'); metrics.jsonl is always written
         self.tb = None
         self.norm_reference: float | None = None  # the last accepted round's reference update norm (screening)
+        self.run_id = uuid.uuid4().hex  # written to the folder's marker; a resume keeps the folder's
+        self.file_hashes: dict[str, str] = {}  # adapters/round_<t>.safetensors -> SHA-256, for the checkpoint
 
     def make_transport(self, exp: Experiment) -> Transport:
         """How this engine reaches its clients: in this process, on the experiment's model and data."""
@@ -198,12 +212,26 @@ class InProcessEngine:
 
     # ---- checkpoint -------------------------------------------------------------------------------
     def _load_checkpoint(self) -> dict | None:
-        pointer = self.out / CHECKPOINT / "latest.json"
+        """The last checkpoint, its files checked against the hashes it recorded (:meth:`_check_files`), or None."""
+        pointer = self.out / CHECKPOINT / LATEST
         if not pointer.exists():
             return None
-        meta = io.read_json(pointer)
+        meta = io.read_json(pointer, keys=("round", "tensors_file", "strategy", "config"))
+        self._check_files(meta)
         meta["tensors"] = io.load_tensors(self.out / CHECKPOINT / meta["tensors_file"])
         return meta
+
+    def _check_files(self, meta: dict) -> None:
+        """Every file a resume or an export relies on must have the SHA-256 the checkpoint recorded for it
+        (the jsonl logs: their first ``metrics_lines`` / ``cluster_lines`` lines, what a resume keeps), and the
+        checkpoint must belong to this folder's run (the marker's run id); else a one-line error naming it."""
+        pointer = self.out / CHECKPOINT / LATEST
+        marker = io.read_json(self.out / MARKER, keys=("run_id",))
+        if meta.get("run_id", marker["run_id"]) != marker["run_id"]:
+            raise io.RunFileError(f"{pointer} belongs to run {meta['run_id']}, but {self.out / MARKER} names run "
+                                  f"{marker['run_id']}: the checkpoint was copied from another run; start again "
+                                  f"with --overwrite")
+        io.check_recorded_files(self.out, meta.get("files", {}), recorded_line_counts(meta), pointer)
 
     def _save_checkpoint(self, exp: Experiment, round_: int, counters: dict) -> None:
         tensors, strategy_meta = exp.strategy.state_dict()
@@ -211,45 +239,85 @@ class InProcessEngine:
         folder = self.out / CHECKPOINT
         name = f"round_{round_}.safetensors"
         io.save_tensors(folder / name, {**tensors, **rng_tensors})
-        io.write_json(folder / "latest.json", {"round": round_, "tensors_file": name, "strategy": strategy_meta,
-                                               "rng": rng_meta, "config": self.cfg.to_dict(), **counters})
+        for rel in (f"adapters/round_{round_}.safetensors", "config.json", TASKS):
+            self.file_hashes[rel] = io.sha256_file(self.out / rel)
+        files = {**self.file_hashes, f"{CHECKPOINT}/{name}": io.sha256_file(folder / name),
+                 METRICS: io.sha256_lines(self.out / METRICS, counters["metrics_lines"]),
+                 CLUSTERS: io.sha256_lines(self.out / CLUSTERS, counters["cluster_lines"])}
+        io.write_json(folder / LATEST, {"round": round_, "tensors_file": name, "strategy": strategy_meta,
+                                        "rng": rng_meta, "config": self.cfg.to_dict(), "run_id": self.run_id,
+                                        "files": files, **counters})
         for old in folder.glob("round_*.safetensors"):
             if old.name != name:
                 old.unlink()
 
-    def _prepare_output(self) -> dict | None:
+    # ---- output folder ----------------------------------------------------------------------------
+    def check_output(self) -> dict | None:
+        """Check, without changing the disk, that this run may use ``output_dir``; the checkpoint to resume from.
+
+        ``output_dir`` must be a writable folder or creatable; a non-empty folder must carry the marker a run
+        writes first (:data:`MARKER`), so a run never deletes or overwrites files it did not write. A resume's
+        checkpoint is loaded and verified here, and its config compared with this run's.
+        """
+        problem = io.folder_problem(self.out)
+        if problem:
+            raise RunError(f"output_dir {problem}")
+        entries = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
+        if entries and not (self.out / MARKER).is_file():
+            touched = [n for n in RUN_FILES if n in entries] or list(RUN_FILES)
+            raise RunError(f"output_dir {self.out} is not empty and was not written by a fltac run (no {MARKER}): "
+                           f"it holds {_listing(entries)}; a run would write {_listing(touched)} there. Choose a new "
+                           f"or empty --output_dir (--overwrite and --resume only act on a folder a run wrote)")
         ckpt = self._load_checkpoint() if self.resume else None
-        if self.resume or self.overwrite:
-            _remove_stale_temporaries(self.out)
         if ckpt is not None:
             changed = _flat_diff(_with_defaults(ckpt["config"]), self.cfg.to_dict())
             if changed:
                 raise RunError(f"cannot resume {self.out}: config key(s) {changed} differ from the run's snapshot "
                                f"({self.out / 'config.json'})")
-            return ckpt
-        if self.resume:
+        elif self.resume:
             self.log(f"[fltac] nothing to resume in {self.out}: starting from round 1")
         elif (self.out / METRICS).exists() and not self.overwrite:
             raise RunError(f"output_dir {self.out} already holds a run: pass --resume to continue it, "
                            f"--overwrite to replace it, or choose another --output_dir")
+        return ckpt
+
+    def _claim_output(self, ckpt: dict | None) -> None:
+        """Make ``output_dir`` this run's: the marker first, then (a fresh start) the previous run's files removed.
+
+        Called only after :meth:`check_output` and the data have passed. A resume keeps the folder's run id
+        and files, and removes the temporary files a kill left behind.
+        """
+        if ckpt is not None:
+            self.run_id = io.read_json(self.out / MARKER, keys=("run_id",))["run_id"]
+            self.file_hashes = {k: v for k, v in ckpt.get("files", {}).items() if k.startswith("adapters/")}
+            _remove_stale_temporaries(self.out)
+            return
         self.out.mkdir(parents=True, exist_ok=True)
+        io.write_json(self.out / MARKER, {"run_id": self.run_id, "written_by": "fltac run",
+                                          "note": "this folder holds a fltac run; --overwrite replaces only "
+                                                  "the files a run writes: " + ", ".join(RUN_FILES)})
+        _remove_stale_temporaries(self.out)
         for name in RUN_FILES:
             path = self.out / name
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        return None
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        ckpt = self._prepare_output()
+        ckpt = self.check_output()
         if ckpt is not None and ckpt["round"] >= cfg.train.rounds and (self.out / "summary.json").exists():
             self.log(f"[fltac] run in {self.out} already finished ({ckpt['round']} rounds); nothing to do")
             return io.read_json(self.out / "summary.json")
         t_start = time.perf_counter()
-        exp = build_experiment(cfg, self.tasks)
+        problem = model_folder_problem(cfg.model_name)
+        if problem:
+            raise RunError(problem)
+        tasks = self.tasks if self.tasks is not None else load_tasks(cfg.data)  # data problems before any write
+        self._claim_output(ckpt)
+        exp = build_experiment(cfg, tasks)
         self.transport = self.make_transport(exp)
         self.log(f"[fltac] method {cfg.method}, {len(exp.tasks)} tasks, {cfg.partition.n_clients} clients, "
                  f"{len(exp.jobs)} adapters trained per round, rank {cfg.rank}")
@@ -477,7 +545,8 @@ class InProcessEngine:
         """The adapters clients submitted in round ``r`` (FL-TAC, first and last round), for the report's projection.
 
         Keys ``<client>/<key>/<tensor>``. The JSON beside it gives the slot each job started from (-1: the
-        initial adapter, then saved as ``initial/<tensor>``), so a reader can rebuild the updates K-means saw.
+        initial adapter, then saved as ``initial/<tensor>``) and the order of an adapter's tensors as clients
+        sent them (``tensor_order``; safetensors files sort them), so a reader can rebuild the vectors K-means saw.
         """
         tensors = {f"{s.client}/{s.key}/{k}": v for s in subs for k, v in s.state.items()}
         start_rows = [[s.client, s.key, -1 if starts.get((s.client, s.key)) is None else starts[(s.client, s.key)]]
@@ -485,7 +554,8 @@ class InProcessEngine:
         if any(row[2] == -1 for row in start_rows):
             tensors.update({f"initial/{k}": v for k, v in exp.strategy.initial.items()})
         io.save_tensors(self.out / "adapters" / f"submissions_round_{r}.safetensors", tensors)
-        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json", {"round": r, "starts": start_rows})
+        io.write_json(self.out / "adapters" / f"submissions_round_{r}.json",
+                      {"round": r, "starts": start_rows, "tensor_order": list(subs[0].state) if subs else []})
 
     def round_line(self, r: int, info: dict, clusters: list[dict], evals: list[dict] | None) -> str:
         parts = [f"round {r}/{self.cfg.train.rounds}", f"loss {info['mean_local_loss']:.3f}",

@@ -10,8 +10,8 @@ Plots (matplotlib, Agg backend):
 - ``clustering_accuracy.png``: FL-TAC's clustering accuracy per round, one line per FL-TAC run;
 - ``confusion_<run>.png``: the final round's task-by-cluster counts of submitted adapters;
 - ``projection_<run>.png``: a 2-D PCA of the adapters clients submitted in the first and last round,
-  as the server's K-means saw them (same tensors, update or weights, normalised or not, per the run's
-  ``server`` config), coloured by the true task, marked by the cluster K-means put them in.
+  as the server's K-means saw them (computed by the run's own strategy from its ``server`` config),
+  coloured by the true task, marked by the cluster K-means put them in.
 
 The tables compare the runs from their ``summary.json``: the means, then each task's accuracy beside its
 majority-class accuracy.
@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from fltac import io
-from fltac.config import ConfigError
+from fltac.config import ConfigError, from_dict
+from fltac.wire import Submission, is_lora_key
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 DPI = 100
+LABELS = {"accuracy": "accuracy", "lm_loss": "LM loss"}  # axis words per Run.metric
 
 
 class ReportError(ConfigError):
@@ -51,6 +53,11 @@ class Run:
     @property
     def method(self) -> str:
         return self.summary.get("method", self.config.get("method", "?"))
+
+    @property
+    def metric(self) -> str:
+        """The evaluation figure its eval lines and summary hold: 'accuracy', or 'lm_loss' for a causal LM."""
+        return "accuracy" if "per_task_accuracy" in self.summary else "lm_loss"
 
     @property
     def tasks(self) -> list[str]:
@@ -89,11 +96,11 @@ def slug(name: str) -> str:
 # ---- figures from the files ----------------------------------------------------------------------
 
 def accuracy_by_round(run: Run) -> dict[str, tuple[list[int], list[float]]]:
-    """``{task: (rounds, accuracies)}`` of the serving adapter, at every evaluated round."""
+    """``{task: (rounds, accuracies)}`` of the serving adapter, at every evaluated round (LM losses for a causal LM)."""
     out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     for m in run.evals():
         out[m["task"]][0].append(m["round"])
-        out[m["task"]][1].append(m["accuracy"])
+        out[m["task"]][1].append(m[run.metric])
     return dict(out)
 
 
@@ -104,14 +111,14 @@ def majority_accuracy(run: Run) -> dict[str, float]:
 
 
 def accuracy_vs_uplink(run: Run) -> tuple[list[int], list[float]]:
-    """(cumulative uplink bytes after each evaluated round, mean accuracy at that round)."""
+    """(cumulative uplink bytes after each evaluated round, mean accuracy (causal LM: LM loss) at that round)."""
     cumulative, total = {}, 0
     for m in sorted(run.rounds(), key=lambda m: m["round"]):
         total += m["uplink_bytes"]
         cumulative[m["round"]] = total
     by_round: dict[int, list[float]] = defaultdict(list)
     for m in run.evals():
-        by_round[m["round"]].append(m["accuracy"])
+        by_round[m["round"]].append(m[run.metric])
     rounds = sorted(r for r in by_round if r in cumulative)
     return [cumulative[r] for r in rounds], [float(np.mean(by_round[r])) for r in rounds]
 
@@ -148,37 +155,34 @@ def _slot_states(run: Run, round_: int) -> dict[int, dict]:
 def kmeans_features(run: Run, round_: int) -> tuple[np.ndarray, list[str], list[int]]:
     """The vectors the server's K-means clustered in ``round_``, with each one's true task and assigned cluster.
 
-    Rebuilt from the saved submissions as :meth:`fltac.server.strategies.FLTAC.features` builds them.
+    Computed by the run's own strategy (:meth:`fltac.server.strategies.FLTAC.features`, built from the run's
+    config with the same factory), from the saved submissions and the adapters they started from: the same
+    tensors, weights or update, normalisation and ``kmeans_dims`` projection as the server used.
     """
-    server = run.config.get("server", {})
+    from fltac.server.strategies import make_fltac
+
+    cfg = from_dict(run.config)
     tensors = io.load_tensors(run.path / "adapters" / f"submissions_round_{round_}.safetensors")
     meta = io.read_json(run.path / "adapters" / f"submissions_round_{round_}.json")
     starts = {(c, k): s for c, k, s in meta["starts"]}
     initial = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("initial/")}
-    subs: dict[tuple[int, str], dict] = defaultdict(dict)
+    states: dict[tuple[int, str], dict] = defaultdict(dict)
     for name, t in tensors.items():
         if not name.startswith("initial/"):
             client, key, tensor = name.split("/", 2)
-            subs[(int(client), key)][tensor] = t
-    any_state = next(iter(subs.values()))
-    keys = sorted(k for k in any_state if server.get("cluster_features", "lora") != "lora"
-                  or ".lora_A." in k or ".lora_B." in k)
+            states[(int(client), key)][tensor] = t
+    order = meta.get("tensor_order") or list(next(iter(states.values())))  # older runs: the file's order
     previous = _slot_states(run, round_ - 1) if any(s >= 0 for s in starts.values()) else {}
     record = next(c for c in run.clusters if c["round"] == round_)
-    feats, tasks, clusters = [], [], []
+    subs = []
     for a in record["assignments"]:
-        state = subs[(a["client"], a["key"])]
-        vec = np.concatenate([state[k].double().numpy().ravel() for k in keys])
-        if server.get("cluster_on", "weights") == "update":
-            slot = starts[(a["client"], a["key"])]
-            start = initial if slot < 0 else previous[slot]
-            vec = vec - np.concatenate([start[k].double().numpy().ravel() for k in keys])
-        if server.get("cluster_normalize", False):
-            vec = vec / max(np.linalg.norm(vec), 1e-12)
-        feats.append(vec)
-        tasks.append(a["task"])
-        clusters.append(a["cluster"])
-    return np.stack(feats), tasks, clusters
+        slot = starts[(a["client"], a["key"])]
+        state = states[(a["client"], a["key"])]
+        subs.append(Submission(a["client"], a["key"], {k: state[k] for k in order}, a["n"],
+                               initial if slot < 0 else previous[slot]))
+    strategy = make_fltac(cfg, subs[0].state, len(run.tasks), [k for k in order if is_lora_key(k)])
+    return (strategy.features(subs), [a["task"] for a in record["assignments"]],
+            [a["cluster"] for a in record["assignments"]])
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +232,7 @@ def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0][0].set_ylabel("test accuracy (serving adapter)")
+    axes[0][0].set_ylabel(f"test {LABELS[runs[0].metric]} (serving adapter)")
     handles, names = axes[0][-1].get_legend_handles_labels()
     if majority_shown:
         from matplotlib.lines import Line2D
@@ -255,7 +259,7 @@ def plot_accuracy_vs_uplink(runs: list[Run], path: Path) -> None:
         x, y = accuracy_vs_uplink(run)
         ax.plot(np.asarray(x) / 1e6, y, marker="o", ms=4, label=f"{run.name} ({run.method})")
     ax.set_xlabel("cumulative uplink (MB)")
-    ax.set_ylabel("mean test accuracy")
+    ax.set_ylabel(f"mean test {LABELS[runs[0].metric]}")
     ax.set_title("accuracy for the bytes clients sent", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -422,11 +426,12 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, comm
 
 
 def _feature_note(config: dict) -> str:
-    server = config.get("server", {})
-    what = "LoRA matrices" if server.get("cluster_features", "lora") == "lora" else "LoRA matrices and head"
-    on = "update since the adapter it was sent" if server.get("cluster_on") == "update" else "weights"
-    norm = ", scaled to unit length" if server.get("cluster_normalize") else ""
-    return f"{what}, {on}{norm}"
+    server = from_dict(config).server  # the run's values, the config's defaults for keys it predates
+    what = "LoRA matrices" if server.cluster_features == "lora" else "LoRA matrices and head"
+    on = "update since the adapter it was sent" if server.cluster_on == "update" else "weights"
+    norm = ", scaled to unit length" if server.cluster_normalize else ""
+    projected = f", projected to {server.kmeans_dims} dimensions" if server.kmeans_dims is not None else ""
+    return f"{what}, {on}{norm}{projected}"
 
 
 def render_markdown(blocks: list[tuple]) -> str:

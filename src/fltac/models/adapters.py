@@ -17,6 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from fltac.config import LoraConfig
+from fltac.wire import is_lora_key
 
 PEFT_PREFIX = "base_model.model."
 HEAD_PREFIX = "classifier."
@@ -30,10 +31,6 @@ def canonical_key(peft_name: str) -> str:
     """peft's parameter name -> the adapter-state key (no wrapper prefix, no adapter name)."""
     name = peft_name.removeprefix(PEFT_PREFIX)
     return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
-
-
-def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
 
 
 def _cast_input_to(dtype: torch.dtype):

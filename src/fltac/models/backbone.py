@@ -26,6 +26,16 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def model_folder_problem(name: str) -> str | None:
+    """Why ``model_name`` names a local folder that holds no model (no ``config.json``), or None; checked
+    before a run writes anything. Hub ids, packaged names and model files are checked when they load."""
+    path = Path(name)
+    if name in PACKAGED or not path.is_dir() or (path / "config.json").is_file():
+        return None
+    return (f"config key 'model_name' = {name!r} is a folder with no model in it (no config.json): point it at a "
+            f"Hugging Face model folder (config.json, weights, tokenizer files) or use model_name: minilm")
+
+
 def bf16_support(device: torch.device) -> tuple[bool, str]:
     """Whether the hardware reports native bf16 units, and what it reported.
 
@@ -94,7 +104,7 @@ def load_backbone(model_name: str, n_outputs: int, dtype: torch.dtype, attn_impl
         config = with_dropout(AutoConfig.from_pretrained(path, num_labels=n_outputs), dropout)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn_implementation)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a folder without tokenizer files raises ValueError
         where = "local folder" if local else "hub id"
         hint = "" if local else (" -- no hub access here? Set HF_HUB_OFFLINE=1 and use a local folder, or "
                                  "model_name: minilm (the packaged offline backbone)")

@@ -39,57 +39,72 @@ from fltac.models.adapters import AdapterModel, canonical_key
 
 @dataclass
 class Group:
-    """The rows of one adapter inside a micro-batch: ``rows[start:end]``, its lone-run batch ``width``
-    (tokens of its longest row; a batch whose inputs are not padded token rows, such as images, spans
-    the whole sequence axis whatever ``width`` says)."""
+    """The rows ``rows[start:end]`` of a pass that train adapter ``adapter`` (contiguous)."""
 
     adapter: int
+    start: int
+    end: int
+
+
+@dataclass
+class Block:
+    """The rows ``rows[start:end]`` of a pass that draw their LoRA dropout from generator ``stream``, at the
+    shape their lone run draws it: ``[rows, width, d]``, ``width`` being the block's own batch width (tokens
+    of its longest row; a batch whose inputs are not padded token rows, such as images, spans the whole
+    sequence axis whatever ``width`` says). A block is one adapter's batch (per-adapter layout: the block is
+    the adapter's one group) or one client's routed step (several groups, one per adapter with rows in it)."""
+
+    stream: int
     start: int
     end: int
     width: int
 
 
 class AdapterBank:
-    """G adapter states stacked as float32 leaf tensors ``[G, *shape]`` on the model's device."""
+    """G adapter states stacked as float32 leaf tensors ``[G, *shape]`` on the model's device, and one
+    dropout generator per stream (``seeds``: per adapter in the per-adapter layout, per client in the routed one)."""
 
     def __init__(self, model: AdapterModel, states: list[dict[str, torch.Tensor]], seeds: list[int]):
         self.model = model
         self.params = {k: torch.nn.Parameter(torch.stack([s[k] for s in states]).to(model.device, torch.float32))
                        for k in model.params}
-        #: Each adapter's dropout generator, seeded as its lone run seeds the global generator.
+        self.size = len(states)
+        #: Each stream's dropout generator, seeded as its lone run seeds the global generator.
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.groups: list[Group] = []
+        self.blocks: list[Block] = []
         self.widest = 0
         self.index: torch.Tensor | None = None  # [n] adapter of each row of the current micro-batch
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return self.size
 
     def states(self) -> list[dict[str, torch.Tensor]]:
         """Float32 CPU copies of every adapter, in bank order."""
         return [{k: p[g].detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
                 for g in range(len(self))]
 
-    def set_groups(self, groups: list[Group]) -> None:
-        """Declare the layout of the next forward pass (contiguous rows per adapter)."""
-        self.groups = groups
-        self.widest = max(g.width for g in groups)
+    def set_layout(self, groups: list[Group], blocks: list[Block]) -> None:
+        """Declare the layout of the next forward pass: contiguous rows per adapter (``groups``) and per
+        dropout stream (``blocks``); together they cover the pass's rows."""
+        self.groups, self.blocks = groups, blocks
+        self.widest = max(b.width for b in blocks)
         self.index = torch.cat([torch.full((g.end - g.start,), g.adapter, dtype=torch.long) for g in groups]
                                ).to(self.model.device)
 
     def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """LoRA-input dropout, each group's mask drawn from its own generator at its lone-run shape
+        """LoRA-input dropout, each block's mask drawn from its own generator at its lone-run shape
         ``[rows, width, d]``: torch's Bernoulli pattern depends on the generator, the shape and ``p`` only
         (not on the dtype or the slice being strided), so a bool mask reproduces ``F.dropout``'s draw at a
         quarter of the memory; kept entries are scaled by ``1/(1-p)`` computed in x's dtype, as there.
-        Padding past a group's width is kept (never attended)."""
+        Padding past a block's width is kept (never attended)."""
         if p == 0.0:
             return x
         keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
         padded = x.dim() == 3 and x.shape[1] == self.widest  # a token axis cut to the widest group's width
-        for g in self.groups:
-            rows = keep[g.start:g.end, :g.width] if padded else keep[g.start:g.end]  # images, pooled: whole
-            rows.bernoulli_(1 - p, generator=self.generators[g.adapter])
+        for b in self.blocks:
+            rows = keep[b.start:b.end, :b.width] if padded else keep[b.start:b.end]  # images, pooled: whole
+            rows.bernoulli_(1 - p, generator=self.generators[b.stream])
         return x * keep * (torch.ones((), dtype=x.dtype) / (1 - p))
 
     def _lora_forward(self, layer: LoraLinear, key: str):

@@ -247,9 +247,7 @@ class HAFL(Strategy):
             spec[m + B_SUFFIX] = ((d_out, len(idx)), dt)
         return spec
 
-    def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
-        if not subs:
-            return {}
+    def _aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
         current = self.slots_[0]
         uploads = [unpack(s.state, s.extras, self.modules) for s in subs]
         weights = [float(s.num_examples) for s in subs]

@@ -198,7 +198,7 @@ class SAFedLoRA(Strategy):
         return spec_of({k: v for k, v in sent.state.items() if self.base_ is None or k not in self.base_})
 
     # ---- aggregate ------------------------------------------------------------------------------------
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         annealing = self.annealing(round_)
         adapter_stage = annealing or self.init_train == "lora"
         trained = int(sum(int(v.sum()) for v in self.mask_.values()))
@@ -207,11 +207,11 @@ class SAFedLoRA(Strategy):
         stripped = [Submission(s.client, s.key, _no_index(s.state), s.num_examples,
                                {k: s.start[k] for k in _no_index(s.state)}, s.extras) for s in subs]
         assigned = self._merge(stripped, [0] * len(subs))
-        if adapter_stage and subs:
+        if adapter_stage:
             index = {k: v for k, v in pack(self.adapter_, self.mask_).items() if k.endswith(f".{INDEX}")}
             merged = {k: v for k, v in self.slots_[0].items() if k not in (self.base_ or {})}
             self.adapter_, _ = unpack({**merged, **index}, self.rank_init, into=self.adapter_)
-        if annealing and subs:
+        if annealing:
             self.scores_ = average_scores([s.extras for s in subs], [s.num_examples for s in subs], self.mask_)
             if round_ < self.rounds:  # the mask of the next round, at its budget
                 self.mask_ = select_mask(self.scores_, self.mask_, self.budget_at(round_ + 1))

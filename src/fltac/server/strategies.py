@@ -17,12 +17,17 @@ from fltac.server.aggregate import clustering_scores, flatten, kmeans_labels, ma
 from fltac.server.robust import Aggregation, Spec, spec_of
 from fltac.wire import Broadcast, State, Submission
 
-__all__ = ["AggregationError", "Broadcast", "Centralized", "FLTAC", "FedAvg", "Strategy", "Submission",
-           "make_strategy"]
+__all__ = ["AggregationError", "Broadcast", "Centralized", "EmptyRoundError", "FLTAC", "FedAvg", "Strategy",
+           "Submission", "make_strategy"]
 
 
 class AggregationError(ValueError):
     """Submissions the strategy cannot aggregate (e.g. non-finite values with validation turned off)."""
+
+
+class EmptyRoundError(AggregationError):
+    """``aggregate`` called with no submission: the same error for every method (the engines stop a round
+    with too few clients before aggregating, :class:`fltac.engines.inprocess.TooFewClients`)."""
 
 
 class Strategy:
@@ -64,7 +69,14 @@ class Strategy:
         return spec_of(sent.state)
 
     def aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
-        """Merge ``subs`` into the slots; return the slot each submission was assigned."""
+        """Merge ``subs`` into the slots; return the slot each submission was assigned. No submission at all
+        is an :class:`EmptyRoundError`, whatever the method."""
+        if not subs:
+            raise EmptyRoundError(f"round {round_}: no submission to aggregate (method {self.name})")
+        return self._aggregate(round_, subs)
+
+    def _aggregate(self, round_: int, subs: list[Submission]) -> dict[tuple[int, str], int]:
+        """The method's own merge of a round's (non-empty) submissions."""
         raise NotImplementedError
 
     def _merge(self, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
@@ -99,7 +111,7 @@ class FedAvg(Strategy):
     def __init__(self, initial: State):
         super().__init__(initial, 1)
 
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         return self._merge(subs, [0] * len(subs))
 
 
@@ -113,7 +125,7 @@ class Centralized(Strategy):
         super().__init__(initial, len(slot_of))
         self.slot_of = dict(slot_of)
 
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         unknown = sorted({s.key for s in subs} - set(self.slot_of))
         if unknown:
             raise AggregationError(f"adapter key(s) {unknown} have no slot (known: {sorted(self.slot_of)})")
@@ -217,7 +229,7 @@ class FLTAC(Strategy):
             sums = onehot @ x if sums is None else sums + onehot @ x
         return sums / torch.from_numpy(np.bincount(cluster, minlength=k)).float()[:, None]
 
-    def aggregate(self, round_, subs):
+    def _aggregate(self, round_, subs):
         labels = kmeans_labels(self.features(subs), self.n_slots, self.seed + round_, self.n_init)
         found = np.unique(labels)
         if self.fitted_:
