@@ -1,12 +1,12 @@
 """``fltac`` command line: the only reader of argv. Parses, builds a validated RunConfig, calls an engine.
 
-    fltac run --config configs/text5.yaml [--method fedit] [--rounds 3] [--override train.lr=1e-3] [--resume]
-              [--engine flower-sim]
-    fltac partition --scenario text5 [--alpha 0.1] [--save partition.csv]
+    fltac run --config configs/text5.yaml [--method fedit] [--rounds 3] [--override train.lr=1e-3] [--out DIR]
+              [--resume] [--engine flower-sim]
+    fltac partition --scenario text5 [--alpha 0.1] [--out partition.csv]
     fltac report RUN_DIR [RUN_DIR ...] [--out DIR]
     fltac compare --config configs/text5.yaml --methods fltac fedit centralized --seeds 42 43 44 --out DIR [--alpha 0.1]
     fltac export RUN_DIR --out DIR [--round N]
-    fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME]
+    fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME] [--json]
     fltac pretrain-vit [--out DIR] [--epochs N] [--seed S] [--threads N]
 """
 
