@@ -59,6 +59,8 @@ def test_run_help_lists_the_choices_of_every_option_that_has_them():
     for action in run._actions:  # options with argparse choices of their own (--engine, --log)
         if action.choices:
             assert all(str(c) in text for c in action.choices), action.dest
+    compare = " ".join(_subparser("compare").format_help().split())
+    assert "--methods METHOD [METHOD ...] methods to compare, among fltac, fedit, centralized, hafl," in compare
 
 
 def test_a_choice_outside_the_list_is_a_one_line_config_error(capsys):
@@ -79,6 +81,7 @@ def test_version(capsys):
     (["report", "r1"], [], "out"),
     (["export", "r1"], [], "out"),
     (["pretrain-vit"], [], "out"),
+    (["compare"], [], "out"),
     (["partition"], [], "save"),
 ])
 def test_out_is_accepted_everywhere_and_old_names_still_work(command, rest, dest):

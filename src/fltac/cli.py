@@ -128,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "over seeds (comparison.md, comparison.csv) and the report's plots")
     _add_config_flags(cmp, [f for f in FLAG_KEYS if f not in ("method", "seed", "output_dir")])
     cmp.add_argument("--methods", nargs="+", default=["fltac", "fedit", "centralized"], metavar="METHOD",
-                     help="methods to compare (default: fltac fedit centralized)")
+                     help=f"methods to compare, among {', '.join(key_doc('method').choices)} "
+                          f"(default: fltac fedit centralized)")
     cmp.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], metavar="SEED",
                      help="seeds each method runs with (default: 42 43 44); the spread is over these")
-    cmp.add_argument("--out", metavar="DIR", required=True,
+    cmp.add_argument("--out", "--output_dir", dest="out", metavar="DIR", required=True,
                      help="one run folder per pair (DIR/<method>_seed<seed>/; a finished one is not rerun, an "
                           "interrupted one resumes), then comparison.md, comparison.csv and report.md here")
     cmp.add_argument("--quiet", action="store_true", help="no progress lines")
