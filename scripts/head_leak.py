@@ -31,13 +31,16 @@ def main(run: str) -> None:
     initial = {k.removeprefix("initial/"): v for k, v in tensors.items() if k.startswith("initial/")}
     truth = {(a["client"], a["key"]): a["task"] for a in
              json.loads((folder / "cluster_assignments.jsonl").read_text().splitlines()[0])["assignments"]}
-    right = 0
+    right = still = 0
     for (client, key), task in sorted(truth.items()):
         prefix = f"{client}/{key}/"
         update = {k: tensors[prefix + k] - initial[k] for k in ("classifier.weight", "classifier.bias")}
-        right += moved_tasks(update, tasks) == [task]
+        moved = moved_tasks(update, tasks)
+        right += moved == [task]
+        still += not moved
     print(f"{run}: round 1, {right} of {len(truth)} submissions' task read from which head rows moved "
-          f"(moved rows = exactly one task's slice, and it is the true task)")
+          f"(moved rows = exactly one task's slice, and it is the true task); {still} with no head row moved "
+          f"(an adapter that took no step in the round)")
 
 
 if __name__ == "__main__":
