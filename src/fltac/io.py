@@ -177,7 +177,7 @@ def check_recorded_files(folder: Path, digests: dict[str, str], line_counts: dic
     file, the file that recorded it (``recorder``) and what to do."""
     for rel, digest in sorted(digests.items()):
         path = folder / rel
-        if not path.is_file() and rel not in line_counts:  # a log never written is an empty log
+        if not path.is_file() and line_counts.get(rel) != 0:  # a log recorded with no lines may never be written
             problem = "is missing"
         elif (sha256_lines(path, line_counts[rel]) if rel in line_counts else sha256_file(path)) != digest:
             problem = "is damaged (its SHA-256 differs from the one recorded"
