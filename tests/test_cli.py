@@ -59,6 +59,8 @@ def test_run_help_lists_the_choices_of_every_option_that_has_them():
     for action in run._actions:  # options with argparse choices of their own (--engine, --log)
         if action.choices:
             assert all(str(c) in text for c in action.choices), action.dest
+    compare = " ".join(_subparser("compare").format_help().split())
+    assert "--methods METHOD [METHOD ...] methods to compare, among fltac, fedit, centralized, hafl," in compare
 
 
 def test_a_choice_outside_the_list_is_a_one_line_config_error(capsys):
@@ -79,6 +81,7 @@ def test_version(capsys):
     (["report", "r1"], [], "out"),
     (["export", "r1"], [], "out"),
     (["pretrain-vit"], [], "out"),
+    (["compare"], [], "out"),
     (["partition"], [], "save"),
 ])
 def test_out_is_accepted_everywhere_and_old_names_still_work(command, rest, dest):
@@ -172,9 +175,9 @@ class RecordingProgress:
         self.bar.close()
 
 
-@pytest.mark.parametrize("adapters_per_pass", [64, 1])
+@pytest.mark.parametrize("batching, adapters_per_pass", [("routed", 64), ("per_adapter", 64), ("per_adapter", 1)])
 def test_training_progress_advances_with_every_step_shared_or_not(tiny_bert, csv_scenario, tmp_path, monkeypatch,
-                                                                  adapters_per_pass):
+                                                                  batching, adapters_per_pass):
     from conftest import tiny_config_overrides
 
     from fltac.config import load_config
@@ -190,7 +193,8 @@ def test_training_progress_advances_with_every_step_shared_or_not(tiny_bert, csv
     monkeypatch.setattr(InProcessEngine, "progress", progress)
     cfg = load_config(None, {**tiny_config_overrides(tiny_bert, tmp_path / "run"), "method": "fltac",
                              "data.scenario": "custom", "data.custom_tasks": csv_scenario["tasks"],
-                             "train.rounds": 1, "train.local_steps": 3, "train.adapters_per_pass": adapters_per_pass})
+                             "train.rounds": 1, "train.local_steps": 3, "train.adapters_per_pass": adapters_per_pass,
+                             "train.batching": batching})
     exp = build_experiment(cfg)
     InProcessEngine(cfg).run()
     steps = [j.steps for j in exp.jobs]
@@ -198,9 +202,25 @@ def test_training_progress_advances_with_every_step_shared_or_not(tiny_bert, csv
     done = [d for d, _, _ in bar.seen]
     assert bar.bar.total == sum(steps) and done[-1] == sum(steps)
     increments = [b - a for a, b in zip([0, *done], done)]
-    if adapters_per_pass > 1:  # every adapter in one pass: each shared step advances all of them together
+    if batching == "routed":  # each client's adapters in turn, all clients in shared passes: one step per client
+        per_client = [sum(j.steps for j in exp.jobs if j.client == c) for c in sorted({j.client for j in exp.jobs})]
+        assert len(per_client) > 1
+        assert increments == [sum(n > i for n in per_client) for i in range(max(per_client))]
+    elif adapters_per_pass > 1:  # every adapter in one pass: each shared step advances all of them together
         assert len(exp.jobs) > 1 and increments == [len(exp.jobs)] * 3
-    else:                      # one adapter at a time: one step each
+    else:                        # one adapter at a time: one step each
         assert increments == [1] * sum(steps)
     # the first line already reports a share of the work done, so its estimate extrapolates from real work
     assert done[0] < sum(steps) and f"{done[0]}/{sum(steps)}," in bar.seen[0][2] and "ETA" in bar.seen[0][2]
+
+
+def test_user_errors_name_real_classes():
+    import importlib
+
+    from fltac.cli import USER_ERRORS, user_errors
+
+    for module in USER_ERRORS:
+        importlib.import_module(module)
+    classes = user_errors()[:len(USER_ERRORS)]  # then OSError
+    assert all(issubclass(c, Exception) for c in classes)
+    assert [c.__name__ for c in classes] == list(USER_ERRORS.values())

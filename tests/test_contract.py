@@ -16,6 +16,8 @@ upload (``Hook.outgoing``) and add their extras. Then, for every method:
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -232,3 +234,20 @@ def test_the_registry_says_whether_broadcasts_carry_hook_settings(method):
 def test_the_battery_covers_every_registered_method():
     assert set(METHODS) == {"fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full"}
     assert all(jobs_of(m) for m in METHODS)
+
+
+def _modules_loaded_by(module: str) -> set[str]:
+    """Every module a fresh interpreter has loaded after ``import <module>``."""
+    code = f"import sys, {module}; print('\\n'.join(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(proc.stdout.split())
+
+
+def test_server_code_loads_no_client_code_and_a_strategy_no_peft():
+    """The wire vocabulary is the one thing server and client share: a strategy loads neither client code nor
+    peft / transformers, the heterogeneous-rank and SA-FedLoRA servers no client code, the config no torch."""
+    strategies = _modules_loaded_by("fltac.server.strategies")
+    assert not {m for m in strategies if m.split(".")[0] in ("peft", "transformers")}
+    for module in ("fltac.server.strategies", "fltac.server.hafl", "fltac.server.safedlora"):
+        assert not {m for m in _modules_loaded_by(module) if m.startswith("fltac.client")}, module
+    assert "torch" not in _modules_loaded_by("fltac.config")

@@ -179,12 +179,18 @@ def test_the_generator_runs_as_a_script():
 
 
 def documented_errors() -> list[tuple[str, str, str]]:
-    """(page, command, error line) for every ``$ fltac ...`` line followed by a ``fltac: error:`` line."""
+    """(page, command, error line) for every ``$ fltac ...`` line answered by one whole ``fltac: error:`` line.
+
+    An answer wrapped over several lines or elided (``...``) illustrates a message whose details depend on
+    the reader's folder; only answers that end their line (next: another ``$`` line or the block's end) are
+    replayed.
+    """
     found = []
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        lines = page.read_text().splitlines()
-        for command, answer in zip(lines, lines[1:]):
-            if command.startswith("$ fltac ") and answer.startswith("fltac: error: "):
+        lines = page.read_text().splitlines() + [""]
+        for command, answer, after in zip(lines, lines[1:], lines[2:]):
+            whole = after.startswith(("$ ", "```"))
+            if command.startswith("$ fltac ") and answer.startswith("fltac: error: ") and whole:
                 found.append((page.name, command, answer))
     return found
 

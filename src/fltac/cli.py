@@ -1,12 +1,12 @@
 """``fltac`` command line: the only reader of argv. Parses, builds a validated RunConfig, calls an engine.
 
-    fltac run --config configs/text5.yaml [--method fedit] [--rounds 3] [--override train.lr=1e-3] [--resume]
-              [--engine flower-sim]
-    fltac partition --scenario text5 [--alpha 0.1] [--save partition.csv]
+    fltac run --config configs/text5.yaml [--method fedit] [--rounds 3] [--override train.lr=1e-3] [--out DIR]
+              [--resume] [--engine flower-sim]
+    fltac partition --scenario text5 [--alpha 0.1] [--out partition.csv]
     fltac report RUN_DIR [RUN_DIR ...] [--out DIR]
     fltac compare --config configs/text5.yaml --methods fltac fedit centralized --seeds 42 43 44 --out DIR [--alpha 0.1]
     fltac export RUN_DIR --out DIR [--round N]
-    fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME]
+    fltac predict --adapter DIR "some text" ["more text" ...] [--task NAME] [--json]
     fltac pretrain-vit [--out DIR] [--epochs N] [--seed S] [--threads N]
 """
 
@@ -128,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "over seeds (comparison.md, comparison.csv) and the report's plots")
     _add_config_flags(cmp, [f for f in FLAG_KEYS if f not in ("method", "seed", "output_dir")])
     cmp.add_argument("--methods", nargs="+", default=["fltac", "fedit", "centralized"], metavar="METHOD",
-                     help="methods to compare (default: fltac fedit centralized)")
+                     help=f"methods to compare, among {', '.join(key_doc('method').choices)} "
+                          f"(default: fltac fedit centralized)")
     cmp.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], metavar="SEED",
                      help="seeds each method runs with (default: 42 43 44); the spread is over these")
-    cmp.add_argument("--out", metavar="DIR", required=True,
+    cmp.add_argument("--out", "--output_dir", dest="out", metavar="DIR", required=True,
                      help="one run folder per pair (DIR/<method>_seed<seed>/; a finished one is not rerun, an "
                           "interrupted one resumes), then comparison.md, comparison.csv and report.md here")
     cmp.add_argument("--quiet", action="store_true", help="no progress lines")

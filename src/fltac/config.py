@@ -245,8 +245,27 @@ class ServerConfig:
         "Project the flattened features to this many dimensions (seeded Gaussian random projection, which keeps "
         "distances within a small factor) before K-means: 10,000 adapters then cluster in seconds. null = K-means "
         "on the full vectors (the paper's reading; fine for hundreds of adapters). See docs/performance.md.", None)
+    optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = _help(
+        "Server optimizer on the pseudo-gradient d = aggregate - served adapter, per slot (per cluster for FL-TAC), "
+        "after reliability.aggregation: none (the aggregate is the new adapter), fedavgm (Hsu et al. 2019: server "
+        "momentum), fedadam, fedyogi, fedadagrad (Reddi et al. 2021, Algorithm 2, no bias correction). Its state "
+        "is kept in the checkpoint. See fltac.server.optimizers.", "none")
+    server_lr: Optional[float] = _help(
+        "Server learning rate of server.optimizer; null = Flower's default for it (fedavgm 1, fedadam 0.1, "
+        "fedyogi 0.01, fedadagrad 0.1).", None)
+    server_momentum: float = _help("fedavgm: the momentum factor beta of v = beta v + d.", 0.9)
+    server_beta1: float = _help("fedadam/fedyogi/fedadagrad: first-moment factor beta1.", 0.9)
+    server_beta2: float = _help("fedadam/fedyogi: second-moment factor beta2.", 0.99)
+    server_tau: Optional[float] = _help(
+        "fedadam/fedyogi/fedadagrad: adaptivity tau added to sqrt(v); null = Flower's default (fedyogi 1e-3, "
+        "others 1e-9).", None)
 
     def __post_init__(self):
+        _check(self.server_lr is None or self.server_lr > 0, "server.server_lr", "must be positive or null")
+        _check(0.0 <= self.server_momentum < 1.0, "server.server_momentum", "must lie in [0, 1)")
+        for name in ("server_beta1", "server_beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"server.{name}", "must lie in [0, 1)")
+        _check(self.server_tau is None or self.server_tau > 0, "server.server_tau", "must be positive or null")
         _check(self.kmeans_dims is None or self.kmeans_dims >= 1, "server.kmeans_dims", "must be at least 1 or null")
         _check(self.n_clusters is None or self.n_clusters >= 1, "server.n_clusters", "must be at least 1")
         _check(self.kmeans_n_init >= 1, "server.kmeans_n_init", "must be at least 1")
@@ -320,9 +339,16 @@ class ReliabilityConfig:
         "loosen it, however many adapters each sends. A round where only one client votes would set its own bound: "
         "it takes the previous accepted round's reference instead (in round 1, the norm of the adapter it was "
         "sent). See fltac.server.robust.norm_reference.", 10.0)
-    aggregation: Literal["fedavg", "median", "trimmed_mean"] = _help(
+    aggregation: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"] = _help(
         "How the submissions merged into one global adapter are combined (inside each cluster for FL-TAC): "
-        "sample-weighted FedAvg, coordinate-wise median, or coordinate-wise trimmed mean (unweighted).", "fedavg")
+        "sample-weighted FedAvg, coordinate-wise median, coordinate-wise trimmed mean (unweighted), Krum (the one "
+        "submission closest to its n - f - 2 nearest others; Blanchard et al. 2017), multi-Krum (the mean of the "
+        "multi_krum_m best by Krum's score) or the sample-weighted geometric median (Weiszfeld; Pillutla et al.'s "
+        "RFA). See fltac.server.robust.", "fedavg")
+    krum_f: int = _help("krum/multi_krum: the number f of Byzantine submissions assumed among a slot's members "
+                        "(Krum scores each by its n - f - 2 nearest others, at least one).", 1)
+    multi_krum_m: Optional[int] = _help("multi_krum: how many of the best-scored submissions are averaged "
+                                        "(sample-weighted); null = n - f.", None)
     trim_fraction: float = _help("trimmed_mean: drop floor(trim_fraction x n) values at each end of every "
                                  "coordinate (n = submissions being merged). 0.2 trims one of each end from 5 to 9.",
                                  0.2)
@@ -350,6 +376,9 @@ class ReliabilityConfig:
         _check(self.norm_bound_factor >= 1.0, "reliability.norm_bound_factor",
                "must be at least 1 (the median update itself must pass)")
         _check(0.0 <= self.trim_fraction < 0.5, "reliability.trim_fraction", "must lie in [0, 0.5)")
+        _check(self.krum_f >= 0, "reliability.krum_f", "must be non-negative")
+        _check(self.multi_krum_m is None or self.multi_krum_m >= 1, "reliability.multi_krum_m",
+               "must be at least 1 or null")
         _check(self.clip_norm is None or self.clip_norm > 0, "reliability.clip_norm", "must be positive or null")
         _check(all(c >= 0 for c in self.attacker_clients), "reliability.attacker_clients",
                "must hold client indices (>= 0)")
@@ -502,6 +531,9 @@ class RunConfig:
                or METHODS[self.method].layout == "shared", "backbone_dropout",
                f"must be 0 with train.batching routed for method {self.method}: a routed step trains a client's "
                f"adapters in shared passes, which needs a backbone without dropout (or set train.batching: per_adapter)")
+        _check(self.server.optimizer == "none" or METHODS[self.method].server_optimizer, "server.optimizer",
+               f"must be none with method {self.method}: its strategy merges adapters by its own rule, not the "
+               f"per-slot aggregate a server optimizer steps from")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.method in ("hafl", "hetlora"):

@@ -36,6 +36,7 @@ class Method:
     trains_backbone: bool = False   # the backbone itself is trained (fp32 masters, a staged model)
     client_hooks: bool = False      # its broadcasts carry hook settings (checked by tests/test_contract.py)
     export: Literal["per_task", "one"] | None = "per_task"  # peft folders: one per task, one in all, or none
+    server_optimizer: bool = True   # slots merged per slot (Strategy._merge), so server.optimizer applies
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``
 
@@ -61,14 +62,16 @@ _RECORDS = (
            engine_note="pools all data in one process"),
     Method("hafl", "one adapter per client at its own rank r_k <= R, importance-based truncation or freezing, "
            "rank-1 aggregation (section hafl).", "shared", "fltac.server.hafl:make_hafl", default_rank=8,
-           client_hooks=True),
+           client_hooks=True, server_optimizer=False),
     Method("hetlora", "the baseline, first r_k components + zero-padded averaging.", "shared",
-           "fltac.server.hafl:make_hetlora", default_rank=8, client_hooks=True),
+           "fltac.server.hafl:make_hetlora", default_rank=8, client_hooks=True,
+           server_optimizer=False),
     Method("safedlora", "SA-FedLoRA, an initiating stage then an annealed SVD adapter (section safedlora).",
            "shared", "fltac.server.safedlora:make_safedlora", default_rank=None, trains_backbone=True,
-           client_hooks=True, export=None),
+           client_hooks=True, export=None, server_optimizer=False),
     Method("fedavg_full", "FedAvg of full fine-tuning (fp32 backbone).", "shared",
-           "fltac.server.safedlora:make_fedavg_full", default_rank=None, trains_backbone=True, export=None),
+           "fltac.server.safedlora:make_fedavg_full", default_rank=None, trains_backbone=True, export=None,
+           server_optimizer=False),
 )
 #: Every method, by name, in the order the docs list them.
 METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}

@@ -66,6 +66,60 @@ def trimmed_mean(states: list[State], trim_fraction: float) -> State:
     return out
 
 
+# ---- rules that pick or weigh whole submissions ------------------------------------------------------------
+
+def _flat(states: list[State]) -> torch.Tensor:
+    """[n, D] float64: each state's tensors flattened in key order (the first state's)."""
+    keys = list(states[0])
+    return torch.stack([torch.cat([s[k].double().reshape(-1) for k in keys]) for s in states])
+
+
+def krum_scores(states: list[State], f: int) -> torch.Tensor:
+    """Krum's score of each submission (Blanchard et al., NeurIPS 2017): the sum of its squared distances to
+    its ``n - f - 2`` nearest other submissions (at least one; Krum's guarantee needs n >= 2f + 3)."""
+    x = _flat(states)
+    d2 = torch.cdist(x, x).pow(2)
+    n = len(states)
+    k = min(max(n - f - 2, 1), n - 1)
+    nearest, _ = torch.sort(d2 + torch.diag(torch.full((n,), float("inf"), dtype=d2.dtype)), dim=1)
+    return nearest[:, :k].sum(dim=1)
+
+
+def multi_krum(states: list[State], weights: list[float], f: int, m: int | None) -> State:
+    """The sample-weighted mean of the ``m`` submissions with the lowest :func:`krum_scores` (ties: the earlier);
+    ``m`` None = ``n - f``; ``m = 1`` is Krum itself, which returns its pick unchanged."""
+    if len(states) == 1:
+        return states[0]
+    m = len(states) - f if m is None else m
+    scores = krum_scores(states, f)
+    chosen = sorted(sorted(range(len(states)), key=lambda i: (float(scores[i]), i))[:max(1, min(m, len(states)))])
+    if len(chosen) == 1:
+        return states[chosen[0]]
+    return weighted_mean([states[i] for i in chosen], [weights[i] for i in chosen])
+
+
+def geometric_median(states: list[State], weights: list[float], eps: float = 1e-8, max_iter: int = 200,
+                     tol: float = 1e-10) -> State:
+    """The weighted geometric median argmin_z sum_i w_i ||z - s_i|| (RFA, Pillutla et al., arXiv 1912.13445),
+    by Weiszfeld's iteration z <- sum_i b_i s_i / sum_i b_i with b_i = w_i / max(eps, ||z - s_i||), from the
+    weighted mean, until z moves less than ``tol`` (relative) or ``max_iter`` steps. float64, cast back."""
+    x = _flat(states)
+    w = torch.tensor(weights, dtype=torch.float64)
+    z = (w[:, None] * x).sum(0) / w.sum()
+    for _ in range(max_iter):
+        b = w / torch.clamp(torch.linalg.vector_norm(x - z, dim=1), min=eps)
+        new = (b[:, None] * x).sum(0) / b.sum()
+        moved = float(torch.linalg.vector_norm(new - z))
+        z = new
+        if moved <= tol * max(1.0, float(torch.linalg.vector_norm(z))):
+            break
+    out, start = {}, 0
+    for k, v in states[0].items():
+        out[k] = z[start: start + v.numel()].reshape(v.shape).to(v.dtype)
+        start += v.numel()
+    return out
+
+
 def update_norm(state: State, start: State) -> float:
     """||s - s0||_2 over all tensors together, in float64."""
     return math.sqrt(sum(float(((state[k].double() - start[k].double()) ** 2).sum()) for k in state))
@@ -93,18 +147,27 @@ class Aggregation:
 
     Parameters
     ----------
-    rule : {'fedavg', 'median', 'trimmed_mean'} (default: 'fedavg')
+    rule : {'fedavg', 'median', 'trimmed_mean', 'krum', 'multi_krum', 'geometric_median'} (default: 'fedavg')
         fedavg: sum_i n_i s_i / sum_i n_i (:func:`weighted_mean`); median: :func:`coordinate_median`;
-        trimmed_mean: :func:`trimmed_mean`. The last two ignore sample counts.
+        trimmed_mean: :func:`trimmed_mean` (these two ignore sample counts); krum: the one submission
+        :func:`multi_krum` picks with m = 1; multi_krum: :func:`multi_krum`; geometric_median:
+        :func:`geometric_median`. Distances are between the submitted states, as the coordinate rules read
+        them (a slot's members mostly share their start, so these are the distances of their updates).
     trim_fraction : float (default: 0.2)
         Fraction trimmed at each end by ``trimmed_mean``.
     clip_norm : float or None (default: None)
         If set, every submission is first replaced by :func:`clip_update` of it, then the rule runs.
+    krum_f : int (default: 1)
+        Byzantine submissions assumed by krum and multi_krum.
+    multi_krum_m : int or None (default: None)
+        Submissions multi_krum averages; None = n - f.
     """
 
     rule: str = "fedavg"
     trim_fraction: float = 0.2
     clip_norm: float | None = None
+    krum_f: int = 1
+    multi_krum_m: int | None = None
 
     def __call__(self, states: list[State], starts: list[State], weights: list[float]) -> State:
         if self.clip_norm is not None:
@@ -115,6 +178,10 @@ class Aggregation:
             return coordinate_median(states)
         if self.rule == "trimmed_mean":
             return trimmed_mean(states, self.trim_fraction)
+        if self.rule in ("krum", "multi_krum"):
+            return multi_krum(states, weights, self.krum_f, 1 if self.rule == "krum" else self.multi_krum_m)
+        if self.rule == "geometric_median":
+            return geometric_median(states, weights)
         raise ValueError(f"unknown aggregation rule '{self.rule}'")
 
 

@@ -14,6 +14,8 @@ import torch
 from fltac.config import RunConfig
 from fltac.methods import method_of, pooled_slots
 from fltac.server.aggregate import clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection
+from fltac.server.optimizers import DEFAULTS as OPTIMIZER_DEFAULTS
+from fltac.server.optimizers import ServerOptimizer
 from fltac.server.robust import Aggregation, Spec, spec_of
 from fltac.wire import Broadcast, State, Submission
 
@@ -30,18 +32,25 @@ class EmptyRoundError(AggregationError):
     with too few clients before aggregating, :class:`fltac.engines.inprocess.TooFewClients`)."""
 
 
+#: Key prefix of the server optimizer's memory in ``state_dict`` (``server_memory/slot<i>/m/<key>``): not a slot.
+MEMORY = "server_memory/slot"
+
+
 class Strategy:
     """Base: slots of global adapters, each job starting from the slot it was last assigned."""
 
     name = "base"
     #: How the members of one slot are combined (``reliability.aggregation``; set by :func:`make_strategy`).
     aggregation: Aggregation = Aggregation()
+    #: What turns a slot's aggregate into its new adapter (``server.optimizer``; None: the aggregate itself).
+    server_optimizer: ServerOptimizer | None = None
 
     def __init__(self, initial: State, n_slots: int):
         self.initial = initial
         self.n_slots = n_slots
         self.slots_: list[State] = [initial] * n_slots
         self.assignment_: dict[tuple[int, str], int] = {}
+        self.memory_: list[State] = [{} for _ in range(n_slots)]  # the server optimizer's state, per slot
 
     def start_state(self, client: int, key: str) -> State:
         """The adapter sent to ``client`` for its adapter ``key``: its last slot, or the initial adapter."""
@@ -80,14 +89,17 @@ class Strategy:
         raise NotImplementedError
 
     def _merge(self, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
-        """Combine the members of each slot with ``self.aggregation`` (sample-weighted FedAvg by default;
-        coordinate-wise median or trimmed mean, optionally after update-norm clipping: see
-        :mod:`fltac.server.robust`); a slot that got no submission keeps its adapter."""
+        """Combine the members of each slot with ``self.aggregation`` (sample-weighted FedAvg by default; robust
+        rules, optionally after update-norm clipping: see :mod:`fltac.server.robust`), then, with a
+        ``server_optimizer``, step the slot from the adapter it served towards that aggregate
+        (:mod:`fltac.server.optimizers`); a slot that got no submission keeps its adapter and its memory."""
         slots = list(self.slots_)
         for s in sorted(set(slot_of)):
             members = [sub for sub, c in zip(subs, slot_of) if c == s]
             slots[s] = self.aggregation([m.state for m in members], [m.start for m in members],
                                         [m.num_examples for m in members])
+            if self.server_optimizer is not None:
+                slots[s], self.memory_[s] = self.server_optimizer.step(self.slots_[s], slots[s], self.memory_[s])
         self.slots_ = slots
         assigned = {(sub.client, sub.key): int(c) for sub, c in zip(subs, slot_of)}
         self.assignment_.update(assigned)
@@ -95,11 +107,14 @@ class Strategy:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"slot{i}/{k}": v for i, slot in enumerate(self.slots_) for k, v in slot.items()}
+        tensors.update({f"{MEMORY}{i}/{k}": v for i, memory in enumerate(self.memory_) for k, v in memory.items()})
         meta = {"assignment": [[c, k, s] for (c, k), s in sorted(self.assignment_.items())]}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.slots_ = [{k: tensors[f"slot{i}/{k}"] for k in self.initial} for i in range(self.n_slots)]
+        self.memory_ = [{k.removeprefix(f"{MEMORY}{i}/"): v for k, v in tensors.items()
+                         if k.startswith(f"{MEMORY}{i}/")} for i in range(self.n_slots)]
         self.assignment_ = {(int(c), str(k)): int(s) for c, k, s in meta["assignment"]}
 
 
@@ -262,8 +277,13 @@ class FLTAC(Strategy):
 def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> Strategy:
     """The strategy of ``cfg.method`` (its registry factory), combining slot members by ``reliability.aggregation``."""
     strategy = method_of(cfg.method).make_strategy(cfg, initial, n_tasks, lora_keys)
-    rel = cfg.reliability
-    strategy.aggregation = Aggregation(rel.aggregation, rel.trim_fraction, rel.clip_norm)
+    rel, server = cfg.reliability, cfg.server
+    strategy.aggregation = Aggregation(rel.aggregation, rel.trim_fraction, rel.clip_norm, rel.krum_f, rel.multi_krum_m)
+    if server.optimizer != "none":
+        lr, tau = OPTIMIZER_DEFAULTS[server.optimizer]
+        strategy.server_optimizer = ServerOptimizer(
+            server.optimizer, server.server_lr if server.server_lr is not None else lr, server.server_momentum,
+            server.server_beta1, server.server_beta2, server.server_tau if server.server_tau is not None else tau)
     return strategy
 
 
