@@ -156,10 +156,13 @@ def test_fltac_metrics_and_cluster_records(fltac_run, tasks):
     assert phases == {"local", "eval", "round"}
     local = [m for m in metrics if m["phase"] == "local"]
     jobs = sorted({(m["client"], m["key"]) for m in local})
-    # each adapter trained local_steps steps, numbered 1..local_steps
+    # routed batches (the default): an adapter steps in each of its client's local_steps x (its adapters) steps
+    # that holds rows of its task, numbered 1, 2, ...; never more than its client's steps
+    assert cfg.train.batching == "routed"
     for job in jobs:
         steps = sorted(m["step"] for m in local if (m["client"], m["key"]) == job)
-        assert steps == list(range(1, cfg.train.local_steps + 1))
+        held = len({k for c, k in jobs if c == job[0]})
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= cfg.train.local_steps * held
     evals = [m for m in metrics if m["phase"] == "eval"]
     assert sorted(e["task"] for e in evals) == sorted(t.name for t in tasks)
     assert {e["task"]: e["accuracy"] for e in evals} == summary["per_task_accuracy"]
