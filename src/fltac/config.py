@@ -167,7 +167,8 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: Optional[int] = _help("LoRA rank r; null = the method's paper default (fltac 4, fedit 16, centralized 4).", None)
+    rank: Optional[int] = _help("LoRA rank r; null = the method's paper default (" + ", ".join(
+        f"{m.name} {m.default_rank}" for m in METHODS.values() if m.default_rank is not None) + ").", None)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", 16.0)
     dropout: float = _help("Dropout on the LoRA input.", 0.05)
     target_modules: list[str] = _help("Backbone module names that receive LoRA (peft's target_modules).",
@@ -229,9 +230,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     n_clusters: Optional[int] = _help("K for FL-TAC's K-means; null = the number of tasks.", None)
-    cluster_features: Literal["lora", "lora_and_head"] = _help(
-        "What K-means sees. 'lora' (default): the LoRA matrices only; the head's moved rows would give the task away.",
-        "lora")
+    cluster_features: Literal["lora_B", "lora", "lora_and_head"] = _help(
+        "What the clustering sees. 'lora_B' (default): the LoRA up-projections B only. B starts at zero, so A's "
+        "gradient is zero at the first step and W = BA changes to first order by dB A: A's early moves are "
+        "second-order noise (Adam scales them up to lr per step all the same). 'lora': A and B. Never the "
+        "head by default: its moved rows would give the task away ('lora_and_head'). Measured in docs/fltac.md.",
+        "lora_B")
     cluster_on: Literal["weights", "update"] = _help(
         "Cluster the submitted adapter weights (the paper's literal reading) or their change since the adapter the "
         "client was sent (default: re-decided from fresh evidence every round, so a round-1 mistake can heal; "
@@ -240,7 +244,16 @@ class ServerConfig:
         "Scale each feature vector to unit length before K-means (spherical K-means). Adam moves clients with "
         "small, repetitive data further, and raw Euclidean K-means then splits tasks by update size; measured on "
         "text5 round 1: 0.69 raw vs 0.97 normalised clustering accuracy.", True)
-    kmeans_n_init: int = _help("K-means restarts (the best inertia wins).", 10)
+    clustering: Literal["kmeans", "spectral"] = _help(
+        "How FL-TAC groups the round's feature vectors into K clusters. 'spectral' (default): spectral clustering "
+        "of their k-nearest-neighbour graph (scikit-learn; K-means on the graph's spectral embedding), which "
+        "follows clusters of unequal size and shape that K-means cuts across. 'kmeans': K-means on the vectors, "
+        "as the paper does. Measured on text5 in docs/fltac.md.", "spectral")
+    spectral_neighbors: Optional[int] = _help(
+        "clustering: spectral: the neighbours each feature vector is joined to in the graph; null = ceil(sqrt(n)) "
+        "for the round's n submissions, at most ceil(n / K) - 1 (the other members of a cluster of mean size) and "
+        "at least 2.", None)
+    kmeans_n_init: int = _help("K-means restarts (the best inertia wins; spectral: of its final K-means).", 10)
     kmeans_dims: Optional[int] = _help(
         "Project the flattened features to this many dimensions (seeded Gaussian random projection, which keeps "
         "distances within a small factor) before K-means: 10,000 adapters then cluster in seconds. null = K-means "
@@ -269,6 +282,8 @@ class ServerConfig:
         _check(self.kmeans_dims is None or self.kmeans_dims >= 1, "server.kmeans_dims", "must be at least 1 or null")
         _check(self.n_clusters is None or self.n_clusters >= 1, "server.n_clusters", "must be at least 1")
         _check(self.kmeans_n_init >= 1, "server.kmeans_n_init", "must be at least 1")
+        _check(self.spectral_neighbors is None or self.spectral_neighbors >= 2, "server.spectral_neighbors",
+               "must be at least 2 or null")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,10 @@ class ClientResult:
 
     ``records``: its local losses, injected faults and (if it failed) one 'dropped' line per adapter, in
     the order the engine logs them. ``uploads``: one :class:`~fltac.wire.Upload` per adapter it sends;
-    empty when it failed.
+    empty when it failed. An adapter that took no optimizer step (routed layout: its task drew no row in
+    the client's round) is not sent: its update is exactly zero, so it would cost uplink bytes and give
+    clustering a point that carries no evidence. It gets an ``idle`` record instead, and on the server it
+    keeps its cluster, as a job that missed the round does.
     """
 
     records: list[dict] = field(default_factory=list)
@@ -112,6 +115,9 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
         out.failed = True
         return out
     for job, (state, losses, n_tok, extras) in outcome.done:
+        if not losses:  # routed: its task had no row in any of the client's steps, so its update is exactly zero
+            out.records.append({"phase": "idle", "round": r, "client": client, "key": job.key})
+            continue
         state, notes = tamper(rel, cfg.seed, r, client, job.key, state)
         out.records.extend({"phase": "injected", "round": r, "client": client, "key": job.key, "fault": note}
                            for note in notes)

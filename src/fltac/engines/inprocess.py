@@ -400,8 +400,9 @@ class InProcessEngine:
         if clusters and r in (1, cfg.train.rounds):
             self._save_submissions(exp, r, subs, starts)
         local = [m for m in metrics if m["phase"] == "local"]
+        idle = sum(m["phase"] == "idle" for m in metrics)  # adapters that took no step, hence sent nothing
         info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(received),
-                "accepted": len(subs), "dropped": len(jobs) - len(subs), "norm_bound": bound,
+                "accepted": len(subs), "idle": idle, "dropped": len(jobs) - len(subs) - idle, "norm_bound": bound,
                 "uplink_bytes": delivery.uplink_bytes, "downlink_bytes": delivery.downlink_bytes,
                 "train_tokens": sum(res.tokens for res in delivery.results.values()),
                 "train_seconds": round(train_seconds, 3),

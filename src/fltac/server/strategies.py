@@ -13,7 +13,8 @@ import torch
 
 from fltac.config import RunConfig
 from fltac.methods import method_of, pooled_slots
-from fltac.server.aggregate import clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection
+from fltac.server.aggregate import (clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection,
+                                   spectral_labels)
 from fltac.server.optimizers import DEFAULTS as OPTIMIZER_DEFAULTS
 from fltac.server.optimizers import ServerOptimizer
 from fltac.server.robust import Aggregation, Spec, spec_of
@@ -170,6 +171,9 @@ class FLTAC(Strategy):
         only says the adapters are flattened; see ``server.cluster_normalize`` for why it is the default.
     seed, n_init : int
         K-means uses ``random_state = seed + round`` and ``n_init`` restarts.
+    clustering : {'kmeans', 'spectral'}
+        K-means on the features (the paper), or spectral clustering of their nearest-neighbour graph
+        (:func:`spectral_labels`, ``n_neighbors`` neighbours each; ``server.clustering``).
     kmeans_dims : int or None
         Project the (normalised) features to this many dimensions with a seeded Gaussian random projection
         before K-means (Johnson-Lindenstrauss: distances kept within a small factor), so thousands of
@@ -194,8 +198,11 @@ class FLTAC(Strategy):
     name = "fltac"
 
     def __init__(self, initial: State, n_clusters: int, feature_keys: list[str], cluster_on: str, seed: int,
-                 n_init: int = 10, normalize: bool = True, kmeans_dims: int | None = None):
+                 n_init: int = 10, normalize: bool = True, kmeans_dims: int | None = None,
+                 clustering: str = "kmeans", n_neighbors: int | None = None):
         super().__init__(initial, n_clusters)
+        self.clustering = clustering
+        self.n_neighbors = n_neighbors
         self.kmeans_dims = kmeans_dims
         self.feature_keys = feature_keys
         self.cluster_on = cluster_on
@@ -244,8 +251,14 @@ class FLTAC(Strategy):
             sums = onehot @ x if sums is None else sums + onehot @ x
         return sums / torch.from_numpy(np.bincount(cluster, minlength=k)).float()[:, None]
 
+    def labels(self, features: np.ndarray, round_: int) -> np.ndarray:
+        """The cluster id of each feature row, by ``self.clustering``, seeded by ``seed + round_``."""
+        if self.clustering == "spectral":
+            return spectral_labels(features, self.n_slots, self.seed + round_, self.n_init, self.n_neighbors)
+        return kmeans_labels(features, self.n_slots, self.seed + round_, self.n_init)
+
     def _aggregate(self, round_, subs):
-        labels = kmeans_labels(self.features(subs), self.n_slots, self.seed + round_, self.n_init)
+        labels = self.labels(self.features(subs), round_)
         found = np.unique(labels)
         if self.fitted_:
             centers = self.cluster_means(subs, np.searchsorted(found, labels), len(found))
@@ -296,6 +309,8 @@ def make_centralized(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: li
 
 
 def make_fltac(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> FLTAC:
-    keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
+    keys = {"lora": lora_keys, "lora_B": [k for k in lora_keys if ".lora_B." in k],
+            "lora_and_head": list(initial)}[cfg.server.cluster_features]
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
-                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims)
+                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims,
+                 cfg.server.clustering, cfg.server.spectral_neighbors)
