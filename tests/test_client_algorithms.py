@@ -233,3 +233,9 @@ def test_bad_client_algorithm_settings_are_refused_naming_the_key(overrides, key
         load_config(None, overrides)
     message = str(err.value)
     assert f"'{key}'" in message and "\n" not in message
+
+
+def test_ffa_lora_fltac_clusters_on_what_trains(ffa_exp):
+    """K-means leaves the frozen A (identical in every submission) out of its features."""
+    strategy = make_strategy(ffa_exp.cfg, ffa_exp.strategy.initial, 2, ffa_exp.model.lora_keys)
+    assert strategy.feature_keys == [k for k in ffa_exp.model.lora_keys if k.endswith(B_SUFFIX)]

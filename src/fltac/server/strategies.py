@@ -305,5 +305,6 @@ def make_centralized(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: li
 
 def make_fltac(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> FLTAC:
     keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
+    keys = [k for k in keys if k not in frozen_keys(keys, cfg.lora.freeze_A)]  # FFA-LoRA: A is everyone's
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
                  cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims)
