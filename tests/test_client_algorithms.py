@@ -239,3 +239,47 @@ def test_ffa_lora_fltac_clusters_on_what_trains(ffa_exp):
     """K-means leaves the frozen A (identical in every submission) out of its features."""
     strategy = make_strategy(ffa_exp.cfg, ffa_exp.strategy.initial, 2, ffa_exp.model.lora_keys)
     assert strategy.feature_keys == [k for k in ffa_exp.model.lora_keys if k.endswith(B_SUFFIX)]
+
+
+def test_an_ffa_lora_fedprox_run_with_a_server_optimizer_resumes_bit_for_bit(tiny_bert, csv_scenario, tmp_path,
+                                                                             monkeypatch):
+    """Neither option keeps state of its own (the shared A is in the slots, the anchor is the broadcast), so a
+    run killed before round 2's records resumes to the uninterrupted run's adapters, bit for bit; FedAdam's
+    zero pseudo-gradient on A leaves it the initial one."""
+    from fltac.engines.inprocess import InProcessEngine
+
+    extra = {"lora.freeze_A": True, "train.prox_mu": 0.01, "server.optimizer": "fedadam"}
+    whole = run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "whole", **extra)), quiet=True)
+    original = InProcessEngine.evaluate
+
+    def crash(self, exp, r, *args, **kwargs):
+        if r == 2:
+            raise RuntimeError("simulated kill before round 2's records")
+        return original(self, exp, r, *args, **kwargs)
+
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "cut", **extra))
+    monkeypatch.setattr(InProcessEngine, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(cfg, quiet=True)
+    monkeypatch.undo()
+    resumed = run(cfg, resume=True, quiet=True)
+    a, b = (load_file(tmp_path / d / "adapters" / "round_2.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["per_task_accuracy"] == whole["per_task_accuracy"]
+    initial = build_experiment(cfg).strategy.initial
+    assert all(torch.equal(v, initial[k.split("/", 1)[1]]) for k, v in a.items()
+               if k.startswith("slot") and k.endswith(A_SUFFIX))
+
+
+@pytest.mark.parametrize("method", ["hafl", "hetlora"])
+def test_fedprox_reaches_the_methods_with_client_hooks(method, tiny_bert, csv_scenario, tmp_path):
+    """HAFL and HetLoRA clients train one adapter at a time with their own hooks; ``train.prox_mu`` joins them
+    (the term acts: the adapters differ from the run without it)."""
+    states = {}
+    for mu in (0.0, MU):
+        out = tmp_path / f"mu{mu}"
+        run(load_config(None, _overrides(tiny_bert, csv_scenario, out, method=method, **{"train.prox_mu": mu})),
+            quiet=True)
+        states[mu] = load_file(out / "adapters" / "round_2.safetensors")
+    assert states[0.0].keys() == states[MU].keys()
+    assert any(not torch.equal(states[0.0][k], states[MU][k]) for k in states[0.0])
