@@ -271,10 +271,11 @@ def test_an_ffa_lora_fedprox_run_with_a_server_optimizer_resumes_bit_for_bit(tin
                if k.startswith("slot") and k.endswith(A_SUFFIX))
 
 
-@pytest.mark.parametrize("method", ["hafl", "hetlora"])
-def test_fedprox_reaches_the_methods_with_client_hooks(method, tiny_bert, csv_scenario, tmp_path):
-    """HAFL and HetLoRA clients train one adapter at a time with their own hooks; ``train.prox_mu`` joins them
-    (the term acts: the adapters differ from the run without it)."""
+@pytest.mark.parametrize("method", ["hafl", "hetlora", "fedavg_full"])
+def test_fedprox_reaches_the_methods_trained_one_adapter_at_a_time(method, tiny_bert, csv_scenario, tmp_path):
+    """HAFL and HetLoRA clients train one adapter at a time with their own hooks, fedavg_full's the whole
+    backbone (FedProx proper); ``train.prox_mu`` joins them (the term acts: the result differs from the run
+    without it)."""
     states = {}
     for mu in (0.0, MU):
         out = tmp_path / f"mu{mu}"

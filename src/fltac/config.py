@@ -224,8 +224,8 @@ class TrainConfig:
         "FedProx's proximal coefficient (Li et al., MLSys 2020, arXiv 1812.06127) for every method's clients: "
         "the local loss gets mu / 2 * ||w - w_sent||^2 over the trained adapter tensors and head (w_sent: the "
         "adapter the client was sent this round), on every training path (one adapter at a time and shared "
-        "passes). 0 = off (plain FedAvg-style clients). A method that broadcasts its own proximal coefficient "
-        "(SA-FedLoRA's initiating stage: safedlora.mu) keeps it.", 0.0)
+        "passes; fedavg_full: the whole backbone and head). 0 = off (plain FedAvg-style clients). Not with "
+        "safedlora, whose initiating stage has its own safedlora.mu.", 0.0)
 
     def __post_init__(self):
         _check(self.adapters_per_pass >= 1, "train.adapters_per_pass", "must be at least 1")
@@ -548,11 +548,11 @@ class RunConfig:
         _check(self.server.optimizer == "none" or METHODS[self.method].server_optimizer, "server.optimizer",
                f"must be none with method {self.method}: its strategy merges adapters by its own rule, not the "
                f"per-slot aggregate a server optimizer steps from")
-        staged = METHODS[self.method].trains_backbone
-        _check(self.train.prox_mu == 0 or not staged, "train.prox_mu",
-               f"must be 0 with method {self.method}: its clients train a staged model (SA-FedLoRA's proximal term "
-               f"is safedlora.mu)")
-        _check(not self.lora.freeze_A or not (staged or METHODS[self.method].client_hooks), "lora.freeze_A",
+        record = METHODS[self.method]
+        _check(self.train.prox_mu == 0 or record.proximal, "train.prox_mu",
+               f"must be 0 with method {self.method}: its clients train a packed adapter the broadcast does not hold "
+               f"as sent (SA-FedLoRA's proximal term is safedlora.mu, in its initiating stage)")
+        _check(not self.lora.freeze_A or not (record.trains_backbone or record.client_hooks), "lora.freeze_A",
                f"must be false with method {self.method}: its clients train their own layout (client hooks or a "
                f"staged model); FFA-LoRA applies to the methods training plain LoRA without client hooks")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),

@@ -48,7 +48,7 @@ def sent_part(b) -> dict:
 
 def job_hooks(b, cfg: RunConfig) -> list:
     """The client hooks of one job: those its broadcast sets, and FedProx's proximal term when ``train.prox_mu``
-    > 0 and the broadcast sets no coefficient of its own (SA-FedLoRA's initiating stage keeps safedlora.mu).
+    > 0 and the broadcast sets no coefficient of its own (a method's own coefficient wins).
     A run-wide setting, so it needs no broadcast: every client holds the run config (the Flower ClientApp
     receives it in the setup query)."""
     config = {HOOK_PROXIMAL: cfg.train.prox_mu, **b.config} if cfg.train.prox_mu > 0 else b.config
