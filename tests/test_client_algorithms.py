@@ -194,7 +194,7 @@ def test_a_tiny_ffa_lora_run_with_fedprox_keeps_every_slots_A_and_sends_less(met
     out = tmp_path / method
     cfg = load_config(None, _overrides(tiny_bert, csv_scenario, out, method=method, **{
         "train.batch_size": 4, "lora.freeze_A": True, "train.prox_mu": 0.01}))
-    run(cfg, quiet=True)
+    summary = run(cfg, quiet=True)
     initial = build_experiment(cfg).strategy.initial  # seeded: the adapter the run started from
     slots = load_file(out / "adapters" / "round_2.safetensors")
     slot_of = {}
@@ -217,6 +217,8 @@ def test_a_tiny_ffa_lora_run_with_fedprox_keeps_every_slots_A_and_sends_less(met
     ours, plain = uplinks(out), uplinks(tiny_runs[method])
     assert len(ours) == len(plain) == 2
     assert [u * whole for u in ours] == [p * (whole - a_bytes) for p in plain]
+    a_params = sum(v.numel() for k, v in first.items() if k.endswith(A_SUFFIX))
+    assert summary["trainable_params_per_adapter"] == sum(v.numel() for v in first.values()) - a_params
 
 
 # ---- configuration ----------------------------------------------------------------------------------------

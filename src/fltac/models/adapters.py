@@ -85,7 +85,8 @@ class AdapterModel:
         return {k: tuple(p.shape) for k, p in self.params.items()}
 
     def n_trainable(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        """Parameters local training steps (FFA-LoRA: B and the head; the frozen A is not counted)."""
+        return sum(p.numel() for p in self.trained.values())
 
     @property
     def trained(self) -> dict[str, torch.nn.Parameter]:
