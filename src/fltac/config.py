@@ -173,6 +173,12 @@ class LoraConfig:
     dropout: float = _help("Dropout on the LoRA input.", 0.05)
     target_modules: list[str] = _help("Backbone module names that receive LoRA (peft's target_modules).",
                                       factory=lambda: ["query", "value"])
+    freeze_A: bool = _help(
+        "FFA-LoRA (Sun et al., ICLR 2024, 'Improving LoRA in privacy-preserving federated learning'): every "
+        "lora_A stays at the shared seeded initialisation all clients start from; clients train only lora_B and "
+        "the head, leave lora_A out of their uploads (the server puts back the lora_A it sent), and the server "
+        "keeps each slot's lora_A, so FedAvg of B is the exact average of the products B A. For the methods whose "
+        "clients train plain LoRA without hooks (fltac, fedit, centralized).", False)
 
     def __post_init__(self):
         _check(self.rank is None or self.rank >= 1, "lora.rank", "must be at least 1")
@@ -215,6 +221,12 @@ class TrainConfig:
         "Fast path: padded tokens (rows x width) per forward pass. A step's batches beyond it run as several "
         "passes bucketed by length (gradients accumulate), bounding activation memory. Causal LMs: a pass's "
         "logits are rows x width x vocabulary floats, so use a few thousand.", 16384)
+    prox_mu: float = _help(
+        "FedProx's proximal coefficient (Li et al., MLSys 2020, arXiv 1812.06127) for every method's clients: "
+        "the local loss gets mu / 2 * ||w - w_sent||^2 over the trained adapter tensors and head (w_sent: the "
+        "adapter the client was sent this round), on every training path (one adapter at a time and shared "
+        "passes; fedavg_full: the whole backbone and head). 0 = off (plain FedAvg-style clients). Not with "
+        "safedlora, whose initiating stage has its own safedlora.mu.", 0.0)
 
     def __post_init__(self):
         _check(self.adapters_per_pass >= 1, "train.adapters_per_pass", "must be at least 1")
@@ -224,6 +236,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.backbone_lr > 0, "train.backbone_lr", "must be positive")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+        _check(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "train.prox_mu",
+               f"must be a finite number >= 0 (FedProx's mu; 0 = off), got {self.prox_mu!r}")
         _check(0.0 < self.fraction_fit <= 1.0, "train.fraction_fit", "must lie in (0, 1]")
 
 
@@ -549,6 +563,13 @@ class RunConfig:
         _check(self.server.optimizer == "none" or METHODS[self.method].server_optimizer, "server.optimizer",
                f"must be none with method {self.method}: its strategy merges adapters by its own rule, not the "
                f"per-slot aggregate a server optimizer steps from")
+        record = METHODS[self.method]
+        _check(self.train.prox_mu == 0 or record.proximal, "train.prox_mu",
+               f"must be 0 with method {self.method}: its clients train a packed adapter the broadcast does not hold "
+               f"as sent (SA-FedLoRA's proximal term is safedlora.mu, in its initiating stage)")
+        _check(not self.lora.freeze_A or not (record.trains_backbone or record.client_hooks), "lora.freeze_A",
+               f"must be false with method {self.method}: its clients train their own layout (client hooks or a "
+               f"staged model); FFA-LoRA applies to the methods training plain LoRA without client hooks")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.method in ("hafl", "hetlora"):

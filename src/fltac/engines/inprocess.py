@@ -45,7 +45,7 @@ from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import AdapterModel, state_bytes
 from fltac.models.backbone import cpu_model, model_folder_problem
 from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
-from fltac.wire import Broadcast, Submission
+from fltac.wire import Broadcast, Submission, with_frozen
 
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
@@ -434,8 +434,10 @@ class InProcessEngine:
         for client in jobs_of:
             result = delivery.results[client]
             metrics.extend(result.records)
-            subs.extend(Submission(client, u.key, u.state, u.num_examples, sent_part(broadcasts[client][u.key]),
-                                   u.extras) for u in result.uploads)
+            for u in result.uploads:
+                start = sent_part(broadcasts[client][u.key])
+                subs.append(Submission(client, u.key, with_frozen(u.state, start, self.cfg.lora.freeze_A),
+                                       u.num_examples, start, u.extras))
         return subs, expected, delivery
 
     def _screen(self, r: int, n_sampled: int, received: list[Submission], expected: dict,
