@@ -386,9 +386,10 @@ class ReliabilityConfig:
     attacker_clients: list[int] = _help("Clients that attack every round they are sampled (for robustness "
                                         "experiments); each of their adapters is replaced as 'attack' says.",
                                         factory=list)
-    attack: Literal["none", "scale", "nan", "noise"] = _help(
-        "What attackers send: their trained adapter x attack_scale, NaN everywhere, or Gaussian noise with std "
-        "attack_noise_std in place of every entry.", "none")
+    attack: Literal["none", "scale", "nan", "noise", "missing"] = _help(
+        "What attackers send: their trained adapter x attack_scale, NaN everywhere, Gaussian noise with std "
+        "attack_noise_std in place of every entry, or (missing) their adapter without its first tensor: a "
+        "malformed upload, the control for an attacker whose every adapter is rejected.", "none")
     attack_scale: float = _help("Factor of the 'scale' attack and corruption.", 100.0)
     attack_noise_std: float = _help("Standard deviation of the 'noise' attack and corruption.", 1.0)
 
