@@ -884,5 +884,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return build(RunConfig, data)
 
 
+#: Keys added with a default other than what runs made before them did: a snapshot that lacks one (a run's
+#: config.json from before the key existed) was made with this value, not with today's default.
+DEFAULT_BEFORE = {"server.clustering": "kmeans"}
+
+
 def from_dict(data: dict) -> RunConfig:
+    """The RunConfig of a complete snapshot (a run's ``config.json``, a Flower run config). Keys the snapshot
+    predates take their defaults, except those in :data:`DEFAULT_BEFORE`, which take the value its run used."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted, value in DEFAULT_BEFORE.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(key, value)
     return build(RunConfig, data)
