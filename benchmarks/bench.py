@@ -338,12 +338,12 @@ def add_product_round(result: dict, dtype: str, overrides: dict) -> None:
     """Add the product's round (:func:`product_round`), the reference approach's round unless ``result`` has it,
     and their ratio to ``result``; print the breakdown on stderr."""
     product = product_round(dtype)
-    if "reference_round_seconds" not in result:
-        note("product round done; the reference approach's round next")
-        result["reference_round_seconds"] = reference_round(overrides)
-    reference_seconds = result["reference_round_seconds"]
     wall = product["round_seconds"]
     note("the product's round 2, phase by phase:\n" + breakdown_table(product["breakdown"], wall))
+    if "reference_round_seconds" not in result:
+        note("the reference approach's round next")
+        result["reference_round_seconds"] = reference_round(overrides)
+    reference_seconds = result["reference_round_seconds"]
     result["round_seconds_product"] = round(wall, 2)
     result["train_seconds_product"] = product["train_seconds"]
     result["train_tokens_product"] = product["train_tokens"]

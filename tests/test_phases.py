@@ -99,3 +99,16 @@ def test_a_timed_run_breaks_its_rounds_down_and_writes_the_same_bytes(tiny_bert,
     for name in ("round_1.safetensors", "round_2.safetensors", "submissions_round_2.safetensors"):
         assert (tmp_path / "timed" / "adapters" / name).read_bytes() == \
             (tmp_path / "plain" / "adapters" / name).read_bytes(), name
+
+
+def test_a_run_resumes_with_phase_timing_switched(tiny_bert, csv_scenario, tmp_path):
+    """Timing changes no result, so a resume may turn it on or off (RESUME_FREE_KEYS); any other change is refused."""
+    from fltac.engines.inprocess import RunError, run
+
+    overrides = {**tiny_config_overrides(tiny_bert, tmp_path / "run"), "data.scenario": "custom",
+                 "data.custom_tasks": csv_scenario["tasks"], "train.rounds": 1}
+    first = run(load_config(None, overrides), quiet=True)
+    again = run(load_config(None, {**overrides, "eval.phase_times": True}), resume=True, quiet=True)
+    assert again == first  # already finished: nothing to do, and no refusal
+    with pytest.raises(RunError, match="differ"):
+        run(load_config(None, {**overrides, "train.lr": 0.5}), resume=True, quiet=True)
