@@ -20,6 +20,10 @@ Failing clients (see :mod:`fltac.engines.faults`): a client that raises or runs 
 (:func:`fltac.server.robust.screen`) before the strategy sees it. Each lost adapter is logged to
 ``metrics.jsonl`` as ``{"phase": "dropped", "round", "client", "key", "kind", "reason"}``; too few
 surviving clients stop the run (:class:`TooFewClients`).
+
+Phase timing (:mod:`fltac.eval.phases`, off by default; ``eval.phase_times`` or ``phases.enable()``): each round's
+wall time and seconds per phase are kept in ``round_seconds`` / ``phase_seconds`` (what ``benchmarks/bench.py``
+reports) and, with ``eval.phase_times``, written into the round's line of ``metrics.jsonl``.
 """
 
 from __future__ import annotations
