@@ -49,17 +49,22 @@ ROWS += [("four_none", "many", "none", 4, "fedavg", "on", FOUR),
          ("four_scale_val", "many", "client 0 of 4, scale x100", 4, "fedavg", "on", FOUR + attack([0], "scale")),
          ("four_scale_noval", "many", "client 0 of 4, scale x100", 4, "fedavg", "off",
           FOUR + attack([0], "scale") + NOVAL),
+         ("four_missing_val", "many", "control: client 0 of 4 sends nothing usable", 4, "fedavg", "on",
+          FOUR + attack([0], "missing")),
          ("three_scale_val", "many", "clients 0-2 of 10, scale x100", 10, "fedavg", "on", attack([0, 1, 2], "scale")),
+         ("three_missing_val", "many", "control: clients 0-2 of 10 send nothing usable", 10, "fedavg", "on",
+          attack([0, 1, 2], "missing")),
          ("three_scale_noval", "many", "clients 0-2 of 10, scale x100", 10, "fedavg", "off",
           attack([0, 1, 2], "scale") + NOVAL)]
 #: The order the runs are made in (the issue's rows first), so a partial run still gives whole rows.
-ORDER = ["none", "four_none", "four_scale_val", "three_scale_val", "scale_fedavg_val", "scale_fedavg_noval",
+ORDER = ["none", "four_none", "four_scale_val", "four_missing_val", "three_scale_val", "three_missing_val", "scale_fedavg_val", "scale_fedavg_noval",
          "four_scale_noval", "three_scale_noval", "nan_fedavg_noval", "nan_fedavg_val", "noise_fedavg_noval",
          "noise_fedavg_val", "none_trimmed", "scale_trimmed_val", "scale_trimmed_noval", "nan_trimmed_noval",
          "nan_trimmed_val", "noise_trimmed_val", "noise_trimmed_noval"]
 #: The attack-free row each 'many' row is compared with.
 BASELINE = {"four_scale_val": "four_none", "four_scale_noval": "four_none", "three_scale_val": "none",
-            "three_scale_noval": "none", "four_none": "four_none"}
+            "three_scale_noval": "none", "four_none": "four_none", "four_missing_val": "four_none",
+            "three_missing_val": "none"}
 
 
 def command(name: str, extra: list[str], seed: int, root: Path) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fltac.server.aggregate import clustering_scores, kmeans_labels, match_to_previous, weighted_mean
+from fltac.server.aggregate import clustering_scores, kmeans_labels, match_to_previous, spectral_labels, weighted_mean
 from fltac.methods import pooled_slots
 from fltac.server.strategies import FLTAC, Centralized, FedAvg, Submission
 
@@ -241,6 +241,30 @@ def new_fltac(initial, seed: int = 0, cluster_on: str = "weights") -> FLTAC:
     return FLTAC(initial, N_GROUPS, list(LORA_KEYS), cluster_on, seed, n_init=5)
 
 
+def _rings(n: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two concentric noisy rings (radii 1 and 3) in the plane: the textbook case K-means cuts across."""
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, 2 * np.pi, size=2 * n)
+    radius = np.repeat([1.0, 3.0], n) + rng.normal(0, 0.05, size=2 * n)
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1), np.repeat([0, 1], n)
+
+
+def test_spectral_labels_follow_chained_groups_that_kmeans_cuts_across():
+    x, truth = _rings()
+    spectral = spectral_labels(x, 2, seed=0, n_init=5)
+    assert clustering_scores(list(truth), list(spectral))["clustering_accuracy"] == 1.0
+    assert clustering_scores(list(truth), list(kmeans_labels(x, 2, seed=0, n_init=5)))["clustering_accuracy"] < 0.8
+    assert np.array_equal(spectral, spectral_labels(x, 2, seed=0, n_init=5))  # seeded: the same labels again
+
+
+@pytest.mark.parametrize("n, k", [(2, 2), (3, 3), (3, 2), (2, 5), (1, 3)])
+def test_spectral_labels_with_too_few_rows_for_a_graph_are_kmeans_labels(n, k):
+    x = np.random.default_rng(1).normal(size=(n, 4))
+    labels = spectral_labels(x, k, seed=0, n_init=3)
+    assert np.array_equal(labels, kmeans_labels(x, k, seed=0, n_init=3))
+    assert len(set(labels.tolist())) == min(n, k)
+
+
 def test_fltac_kmeans_and_cluster_fedavg_on_planted_groups():
     initial, centres = make_initial(), make_centres()
     strat = new_fltac(initial)
@@ -258,6 +282,17 @@ def test_fltac_kmeans_and_cluster_fedavg_on_planted_groups():
         assert_state_close(strat.start_state(s.client, s.key), strat.slots_[assigned[(s.client, s.key)]])
     assert strat.start_state(999, "a0") is initial
     assert strat.start_state(subs[0].client, "a7") is initial
+
+
+def test_fltac_spectral_clustering_and_cluster_fedavg_on_planted_groups():
+    initial, centres = make_initial(), make_centres()
+    strat = FLTAC(initial, N_GROUPS, list(LORA_KEYS), "weights", 0, n_init=5, clustering="spectral")
+    subs, group_of = make_subs(centres, initial, round_seed=11)
+    assigned = strat.aggregate(1, subs)
+    slot_of = group_slots(assigned, subs, group_of)
+    assert sorted(slot_of.values()) == list(range(N_GROUPS))
+    for c, slot in slot_of.items():
+        assert_state_close(strat.slots_[slot], expected_mean([s for s, gc in zip(subs, group_of) if gc == c]))
 
 
 def test_fltac_slots_follow_their_groups_across_rounds():
@@ -413,3 +448,16 @@ def test_fltac_names_a_non_finite_submission_instead_of_failing_inside_kmeans():
     subs[5].state[LORA_KEYS[0]][0, 0] = float("nan")
     with pytest.raises(AggregationError, match=rf"client {subs[5].client} a0.*reliability.validate"):
         new_fltac(initial).aggregate(1, subs)
+
+
+@pytest.mark.parametrize("features, want", [("lora_B", [LORA_KEYS[1], LORA_KEYS[3]]), ("lora", LORA_KEYS),
+                                            ("lora_and_head", LORA_KEYS + HEAD_KEYS)])
+def test_fltac_config_chooses_what_the_clustering_sees(features, want):
+    from fltac.config import load_config
+    from fltac.server.strategies import make_strategy
+
+    cfg = load_config(None, {"server.cluster_features": features, "server.clustering": "kmeans"})
+    strat = make_strategy(cfg, make_initial(), N_GROUPS, list(LORA_KEYS))
+    assert strat.feature_keys == want and strat.clustering == "kmeans"
+    x = strat.features(make_subs(make_centres(), make_initial(), round_seed=3)[0])
+    assert x.shape[1] == sum(math.prod(SHAPES[k]) for k in want)

@@ -312,6 +312,22 @@ def test_every_method_gives_the_inprocess_result_through_flower_messages(method,
     assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0  # wire bytes: the tensors plus their names
 
 
+@pytest.mark.parametrize("method", ["fltac", "fedit"])
+def test_ffa_lora_and_fedprox_give_the_inprocess_result_through_flower_messages(method, tiny_bert, csv_scenario,
+                                                                               tmp_path, task_identity):
+    """``lora.freeze_A`` and ``train.prox_mu`` reach Flower clients in the run config (no broadcast): the
+    uploads without lora_A decode, the server puts A back, and every adapter file is the in-process run's,
+    byte for byte (fp32, routed: each Flower client alone gives the bytes it gets in the shared passes)."""
+    from fltac.engines.flower import FlowerEngine
+
+    extra = {"method": method, "lora.freeze_A": True, "train.prox_mu": 0.01}
+    ref = run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    got = FlowerEngine(cfg, ScriptedGrid(2, {}), quiet=True).run()
+    _same_adapter_files(tmp_path / "ref", tmp_path / "flower")
+    assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0
+
+
 @needs_bf16
 @pytest.mark.parametrize("method", ["fltac", "fedit"])
 def test_flower_clients_give_the_inprocess_adapters_byte_for_byte_in_bf16(method, tiny_bert, csv_scenario, tmp_path,

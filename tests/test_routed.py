@@ -4,7 +4,8 @@
   adapter told not to step (weights and moments) untouched;
 - a routed step whose batch holds one task equals the old one-adapter step;
 - a row's gradient reaches only its task's adapter (and only its task's head rows);
-- an adapter without rows in a step is left bit-identical;
+- an adapter without rows in a step is left bit-identical, and one without rows in the whole round is not
+  uploaded (an 'idle' record instead);
 - FL-TAC and FedIT of one client see the same rows in a round;
 - a client trained alone gives the bytes it gets beside the other clients of a round (bf16, where the CPU
   has bf16 units): what makes the Flower engine equal the in-process one.
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from fltac.client.optim import StackedAdamW
+from fltac.client.round import train_client
 from fltac.client.train import (Route, job_seed, plan_routes, route_seed, routed_batches, row_losses,
                                 train_all_routed, train_job, train_routes_together)
 from fltac.config import load_config
@@ -26,6 +28,7 @@ from fltac.data.batches import sample_batches
 from fltac.experiment import build_experiment
 from fltac.models.backbone import bf16_support
 from fltac.models.bank import AdapterBank, Block, Group
+from fltac.wire import Broadcast
 from tests.conftest import assert_same_training, tiny_config_overrides
 
 BF16 = bf16_support(torch.device("cpu"))[0]
@@ -130,6 +133,22 @@ def test_an_adapter_without_rows_in_a_step_takes_no_step(fltac_exp):
     results, = train_routes_together(exp.model, [[start, start]], exp.train_store, [route], cfg, [5], 10_000)
     draws = list(routed_batches(route, 1, np.random.default_rng(5)))
     assert [len(r[1]) for r in results] == [sum(int(o[0] == j) for _, o in draws) for j in (0, 1)]
+
+
+def test_an_adapter_without_rows_in_the_round_is_not_uploaded(fltac_exp):
+    """One step of one row: one of the client's two adapters trains, the other took no step, so its update is
+    exactly zero; the client uploads the trained one only and logs the other as idle."""
+    exp = fltac_exp
+    route = _two_task_route(exp)
+    cfg = replace(exp.cfg, train=replace(exp.cfg.train, batch_size=1))
+    cjobs = [replace(route.jobs[0], steps=1), replace(route.jobs[1], steps=0)]
+    broadcasts = {j.key: Broadcast(exp.strategy.initial) for j in cjobs}
+    result = train_client(exp.model, exp.train_store, cfg, 1, route.client, cjobs, broadcasts, exp.task_names)
+    (upload,) = result.uploads
+    (idle,) = [r for r in result.records if r["phase"] == "idle"]
+    assert {upload.key, idle["key"]} == {j.key for j in cjobs} and idle["client"] == route.client
+    assert [r["key"] for r in result.records if r["phase"] == "local"] == [upload.key]
+    assert any(not torch.equal(upload.state[k], exp.strategy.initial[k]) for k in upload.state)
 
 
 def test_fltac_and_fedit_of_one_client_see_the_same_rows_in_a_round(fltac_exp, tiny_bert, csv_scenario, tmp_path):

@@ -167,11 +167,18 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: Optional[int] = _help("LoRA rank r; null = the method's paper default (fltac 4, fedit 16, centralized 4).", None)
+    rank: Optional[int] = _help("LoRA rank r; null = the method's paper default (" + ", ".join(
+        f"{m.name} {m.default_rank}" for m in METHODS.values() if m.default_rank is not None) + ").", None)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", 16.0)
     dropout: float = _help("Dropout on the LoRA input.", 0.05)
     target_modules: list[str] = _help("Backbone module names that receive LoRA (peft's target_modules).",
                                       factory=lambda: ["query", "value"])
+    freeze_A: bool = _help(
+        "FFA-LoRA (Sun et al., ICLR 2024, 'Improving LoRA in privacy-preserving federated learning'): every "
+        "lora_A stays at the shared seeded initialisation all clients start from; clients train only lora_B and "
+        "the head, leave lora_A out of their uploads (the server puts back the lora_A it sent), and the server "
+        "keeps each slot's lora_A, so FedAvg of B is the exact average of the products B A. For the methods whose "
+        "clients train plain LoRA without hooks (fltac, fedit, centralized).", False)
 
     def __post_init__(self):
         _check(self.rank is None or self.rank >= 1, "lora.rank", "must be at least 1")
@@ -214,6 +221,12 @@ class TrainConfig:
         "Fast path: padded tokens (rows x width) per forward pass. A step's batches beyond it run as several "
         "passes bucketed by length (gradients accumulate), bounding activation memory. Causal LMs: a pass's "
         "logits are rows x width x vocabulary floats, so use a few thousand.", 16384)
+    prox_mu: float = _help(
+        "FedProx's proximal coefficient (Li et al., MLSys 2020, arXiv 1812.06127) for every method's clients: "
+        "the local loss gets mu / 2 * ||w - w_sent||^2 over the trained adapter tensors and head (w_sent: the "
+        "adapter the client was sent this round), on every training path (one adapter at a time and shared "
+        "passes; fedavg_full: the whole backbone and head). 0 = off (plain FedAvg-style clients). Not with "
+        "safedlora, whose initiating stage has its own safedlora.mu.", 0.0)
 
     def __post_init__(self):
         _check(self.adapters_per_pass >= 1, "train.adapters_per_pass", "must be at least 1")
@@ -223,15 +236,20 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.backbone_lr > 0, "train.backbone_lr", "must be positive")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+        _check(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "train.prox_mu",
+               f"must be a finite number >= 0 (FedProx's mu; 0 = off), got {self.prox_mu!r}")
         _check(0.0 < self.fraction_fit <= 1.0, "train.fraction_fit", "must lie in (0, 1]")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     n_clusters: Optional[int] = _help("K for FL-TAC's K-means; null = the number of tasks.", None)
-    cluster_features: Literal["lora", "lora_and_head"] = _help(
-        "What K-means sees. 'lora' (default): the LoRA matrices only; the head's moved rows would give the task away.",
-        "lora")
+    cluster_features: Literal["lora_B", "lora", "lora_and_head"] = _help(
+        "What the clustering sees. 'lora_B' (default): the LoRA up-projections B only. B starts at zero, so A's "
+        "gradient is zero at the first step and W = BA changes to first order by dB A: A's early moves are "
+        "second-order noise (Adam scales them up to lr per step all the same). 'lora': A and B. Never the "
+        "head by default: its moved rows would give the task away ('lora_and_head'). Measured in docs/fltac.md.",
+        "lora_B")
     cluster_on: Literal["weights", "update"] = _help(
         "Cluster the submitted adapter weights (the paper's literal reading) or their change since the adapter the "
         "client was sent (default: re-decided from fresh evidence every round, so a round-1 mistake can heal; "
@@ -240,7 +258,16 @@ class ServerConfig:
         "Scale each feature vector to unit length before K-means (spherical K-means). Adam moves clients with "
         "small, repetitive data further, and raw Euclidean K-means then splits tasks by update size; measured on "
         "text5 round 1: 0.69 raw vs 0.97 normalised clustering accuracy.", True)
-    kmeans_n_init: int = _help("K-means restarts (the best inertia wins).", 10)
+    clustering: Literal["kmeans", "spectral"] = _help(
+        "How FL-TAC groups the round's feature vectors into K clusters. 'spectral' (default): spectral clustering "
+        "of their k-nearest-neighbour graph (scikit-learn; K-means on the graph's spectral embedding), which "
+        "follows clusters of unequal size and shape that K-means cuts across. 'kmeans': K-means on the vectors, "
+        "as the paper does. Measured on text5 in docs/fltac.md.", "spectral")
+    spectral_neighbors: Optional[int] = _help(
+        "clustering: spectral: the neighbours each feature vector is joined to in the graph; null = ceil(sqrt(n)) "
+        "for the round's n submissions, at most ceil(n / K) - 1 (the other members of a cluster of mean size) and "
+        "at least 2.", None)
+    kmeans_n_init: int = _help("K-means restarts (the best inertia wins; spectral: of its final K-means).", 10)
     kmeans_dims: Optional[int] = _help(
         "Project the flattened features to this many dimensions (seeded Gaussian random projection, which keeps "
         "distances within a small factor) before K-means: 10,000 adapters then cluster in seconds. null = K-means "
@@ -269,6 +296,8 @@ class ServerConfig:
         _check(self.kmeans_dims is None or self.kmeans_dims >= 1, "server.kmeans_dims", "must be at least 1 or null")
         _check(self.n_clusters is None or self.n_clusters >= 1, "server.n_clusters", "must be at least 1")
         _check(self.kmeans_n_init >= 1, "server.kmeans_n_init", "must be at least 1")
+        _check(self.spectral_neighbors is None or self.spectral_neighbors >= 2, "server.spectral_neighbors",
+               "must be at least 2 or null")
 
 
 @dataclass(frozen=True)
@@ -539,6 +568,13 @@ class RunConfig:
         _check(self.server.optimizer == "none" or METHODS[self.method].server_optimizer, "server.optimizer",
                f"must be none with method {self.method}: its strategy merges adapters by its own rule, not the "
                f"per-slot aggregate a server optimizer steps from")
+        record = METHODS[self.method]
+        _check(self.train.prox_mu == 0 or record.proximal, "train.prox_mu",
+               f"must be 0 with method {self.method}: its clients train a packed adapter the broadcast does not hold "
+               f"as sent (SA-FedLoRA's proximal term is safedlora.mu, in its initiating stage)")
+        _check(not self.lora.freeze_A or not (record.trains_backbone or record.client_hooks), "lora.freeze_A",
+               f"must be false with method {self.method}: its clients train their own layout (client hooks or a "
+               f"staged model); FFA-LoRA applies to the methods training plain LoRA without client hooks")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.method in ("hafl", "hetlora"):

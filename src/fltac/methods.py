@@ -37,6 +37,7 @@ class Method:
     client_hooks: bool = False      # its broadcasts carry hook settings (checked by tests/test_contract.py)
     export: Literal["per_task", "one"] | None = "per_task"  # peft folders: one per task, one in all, or none
     server_optimizer: bool = True   # slots merged per slot (Strategy._merge), so server.optimizer applies
+    proximal: bool = True           # train.prox_mu applies: its clients train tensors the broadcast holds as sent
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``
 
@@ -68,7 +69,7 @@ _RECORDS = (
            server_optimizer=False),
     Method("safedlora", "SA-FedLoRA, an initiating stage then an annealed SVD adapter (section safedlora).",
            "shared", "fltac.server.safedlora:make_safedlora", default_rank=None, trains_backbone=True,
-           client_hooks=True, export=None, server_optimizer=False),
+           client_hooks=True, export=None, server_optimizer=False, proximal=False),
     Method("fedavg_full", "FedAvg of full fine-tuning (fp32 backbone).", "shared",
            "fltac.server.safedlora:make_fedavg_full", default_rank=None, trains_backbone=True, export=None,
            server_optimizer=False),

@@ -52,6 +52,24 @@ def is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
+def frozen_keys(keys, freeze_A: bool) -> list[str]:
+    """The tensors clients never train and never upload: every ``lora_A`` under FFA-LoRA (``lora.freeze_A``),
+    else none. The server puts back the ``lora_A`` it sent (identical for every client of a slot)."""
+    return [k for k in keys if k.endswith(A_SUFFIX)] if freeze_A else []
+
+
+def with_frozen(state: State, sent: State, freeze_A: bool) -> State:
+    """An upload as the server merges it: the :func:`frozen_keys` the client left out put back from the adapter
+    it was sent (FFA-LoRA's shared ``lora_A``; copies: safetensors refuses to save tensors sharing memory), in the
+    sent adapter's key order; other uploads as they are."""
+    missing = {k for k in frozen_keys(sent, freeze_A) if k not in state}
+    if not missing:
+        return state
+    out = {k: sent[k].clone() if k in missing else state[k] for k in sent if k in state or k in missing}
+    out.update({k: v for k, v in state.items() if k not in out})
+    return out
+
+
 def lora_modules(keys) -> list[str]:
     """Adapted module names (sorted) of the ``lora_A`` keys among ``keys``."""
     return sorted(k[: -len(A_SUFFIX)] for k in keys if k.endswith(A_SUFFIX))

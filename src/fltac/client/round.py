@@ -14,7 +14,7 @@ from fltac.client.train import job_seed, train_all_routed, train_job
 from fltac.config import RunConfig
 from fltac.engines.faults import run_client, tamper
 from fltac.models.adapters import AdapterModel
-from fltac.wire import Upload
+from fltac.wire import HOOK_PROXIMAL, Upload, frozen_keys
 
 
 @dataclass
@@ -23,7 +23,10 @@ class ClientResult:
 
     ``records``: its local losses, injected faults and (if it failed) one 'dropped' line per adapter, in
     the order the engine logs them. ``uploads``: one :class:`~fltac.wire.Upload` per adapter it sends;
-    empty when it failed.
+    empty when it failed. An adapter that took no optimizer step (routed layout: its task drew no row in
+    the client's round) is not sent: its update is exactly zero, so it would cost uplink bytes and give
+    clustering a point that carries no evidence. It gets an ``idle`` record instead, and on the server it
+    keeps its cluster, as a job that missed the round does.
     """
 
     records: list[dict] = field(default_factory=list)
@@ -46,10 +49,20 @@ def sent_part(b) -> dict:
     return start
 
 
+def job_hooks(b, cfg: RunConfig) -> list:
+    """The client hooks of one job: those its broadcast sets, and FedProx's proximal term when ``train.prox_mu``
+    > 0 and the broadcast sets no coefficient of its own (a method's own coefficient wins).
+    A run-wide setting, so it needs no broadcast: every client holds the run config (the Flower ClientApp
+    receives it in the setup query)."""
+    config = {HOOK_PROXIMAL: cfg.train.prox_mu, **b.config} if cfg.train.prox_mu > 0 else b.config
+    return make_hooks(config, b.state)
+
+
 def uses_bank(model, cfg: RunConfig, broadcasts: list) -> bool:
     """Whether a client's adapters can train in shared backbone passes (:mod:`fltac.models.bank`): a plain
     LoRA classifier or causal LM (not a staged backbone), no client hooks (their per-adapter terms act on
-    one adapter's tensors) and no backbone dropout (its draws would span adapters)."""
+    one adapter's tensors; ``train.prox_mu`` is not one: the bank adds it itself) and no backbone dropout (its
+    draws would span adapters)."""
     return (isinstance(model, AdapterModel) and model.peft_config.task_type in ("SEQ_CLS", "CAUSAL_LM")
             and cfg.backbone_dropout == 0.0 and not any(b.config for b in broadcasts))
 
@@ -82,7 +95,7 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
 
     def train(job):
         b = broadcasts[job.key]
-        hooks = make_hooks(b.config, b.state)
+        hooks = job_hooks(b, cfg)
         if routed and (job.client, job.key) not in done:  # the client's first job: all its jobs, together
             done.update(train_all_routed(model, store, cjobs, {(j.client, j.key): broadcasts[j.key].state
                                                                for j in cjobs}, cfg.train, cfg.seed, r, on_step))
@@ -93,6 +106,8 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
                                              job_seed(cfg.seed, r, job.client, job.key), hooks, on_step)
         for h in hooks:  # the method may upload only part of the adapter (Hook.outgoing)
             state = h.outgoing(state)
+        frozen = frozen_keys(state, cfg.lora.freeze_A)  # FFA-LoRA: the server holds the shared lora_A already
+        state = {k: v for k, v in state.items() if k not in frozen}
         return state, losses, n_tok, {k: v for h in hooks for k, v in h.extras().items()}
 
     outcome = run_client(client, cjobs, train, rel, cfg.seed, r)
@@ -112,6 +127,9 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
         out.failed = True
         return out
     for job, (state, losses, n_tok, extras) in outcome.done:
+        if not losses:  # routed: its task had no row in any of the client's steps, so its update is exactly zero
+            out.records.append({"phase": "idle", "round": r, "client": client, "key": job.key})
+            continue
         state, notes = tamper(rel, cfg.seed, r, client, job.key, state)
         out.records.extend({"phase": "injected", "round": r, "client": client, "key": job.key, "fault": note}
                            for note in notes)

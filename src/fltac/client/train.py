@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fltac.client.hooks import Hook
+from fltac.client.proximal import Proximal
 from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
 from fltac.data.chat import LMBatch
@@ -176,6 +177,9 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
 
     A fresh optimizer per job and round, as in FedAvg-style clients: nothing of the optimizer persists.
     ``hooks`` add the method's own terms (see :mod:`fltac.client.hooks`); the logged loss is the task loss.
+    FedProx's term (``cfg.prox_mu``) comes as one of them (:func:`fltac.client.round.job_hooks`); the
+    shared-pass functions below take no hooks and add it themselves (:func:`add_proximal_grad`). Only the
+    model's ``trained`` tensors step (FFA-LoRA's frozen ``lora_A`` has no gradient and no optimizer state).
     ``on_step(1)`` after every step (:data:`OnStep`).
     """
     torch.manual_seed(seed)
@@ -225,6 +229,27 @@ def micro_batches(widths: list[int], sizes: list[int], max_tokens: int, same_wid
     return passes + [current] if current else passes
 
 
+def bank_proximal(bank: AdapterBank, mu: float) -> Proximal | None:
+    """FedProx's term (``train.prox_mu``) over a bank's trained stacked tensors, anchored at the adapters the
+    bank was given (the ones the clients were sent); None when ``mu`` is 0, so nothing changes then."""
+    return Proximal(mu, {k: p.detach().clone() for k, p in bank.trained.items()}) if mu > 0 else None
+
+
+def add_proximal_grad(prox: Proximal | None, bank: AdapterBank, active: list[bool] | None = None) -> None:
+    """Add ``mu * (w - w_sent)`` to the stacked gradients of the adapters ``g`` with ``active[g]`` (all when
+    None), before the optimizer step: the :class:`~fltac.client.proximal.Proximal` hook's own loss, backward
+    through the stacked tensors, the others' rows detached (an adapter that takes no step gets no gradient).
+    Per adapter, the very gradient the hook adds in :func:`train_job`."""
+    if prox is None:
+        return
+    params = bank.trained
+    if active is not None:
+        on = torch.tensor(active)
+        params = {k: torch.where(on.view((-1,) + (1,) * (p.dim() - 1)).to(p.device), p, p.detach())
+                  for k, p in params.items()}
+    prox.extra_loss(params).backward()
+
+
 def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor]], store: TokenStore,
                         jobs: list[Job], cfg: TrainConfig, seeds: list[int], max_tokens: int,
                         on_step: OnStep = _no_progress) -> list[tuple[dict[str, torch.Tensor], list[float], int]]:
@@ -233,7 +258,8 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
     Each job keeps its own batches (its seed's generator), its own dropout draws and its own AdamW state,
     so the results equal one-by-one training up to float rounding (padding to a pass's widest batch and
     matmul blocking). All jobs must take the same number of steps. The methods whose clients use hooks
-    train one by one instead. ``on_step(len(jobs))`` after every shared step: each job advanced one.
+    train one by one instead; FedProx's term (``cfg.prox_mu``) is added to every adapter's gradient before
+    each step (:func:`add_proximal_grad`). ``on_step(len(jobs))`` after every shared step: each job advanced one.
     """
     steps = {job.steps for job in jobs}
     if len(steps) != 1:
@@ -241,7 +267,8 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
     bank = AdapterBank(model, starts, seeds)
     samplers = [sample_batches(job.rows, job.steps, cfg.batch_size, np.random.default_rng(seed))
                 for job, seed in zip(jobs, seeds)]
-    opt = StackedAdamW(list(bank.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = StackedAdamW(list(bank.trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prox = bank_proximal(bank, cfg.prox_mu)
     losses: list[list[torch.Tensor]] = [[] for _ in jobs]
     tokens = [0] * len(jobs)
     model.model.train()
@@ -268,6 +295,7 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
                     losses[grp.adapter].append(loss.detach())
                     tokens[grp.adapter] += int(store.lengths[rows[grp.adapter]].sum())
             with phase("optimizer"):
+                add_proximal_grad(prox, bank)
                 opt.step()
                 opt.zero_grad()
             on_step(len(jobs))
@@ -303,7 +331,9 @@ def train_routes_together(model: AdapterModel, starts: list[list[dict[str, torch
     ``starts[i][j]``: the start adapter of job ``j`` of route ``i``; ``seeds[i]``: route ``i``'s seed (its
     batches and its LoRA dropout draws, one generator per route). A step of a route is one *block* of rows
     (never split), sorted by job; each of its jobs' adapters gets the mean loss of its own rows, and every
-    adapter with rows in the step takes one AdamW step after it, the others none (:class:`StackedAdamW`).
+    adapter with rows in the step takes one AdamW step after it, the others none (:class:`StackedAdamW`);
+    with ``cfg.prox_mu`` > 0 the adapters that step get FedProx's ``mu * (w - w_sent)`` added to their
+    gradient first, the others no gradient (:func:`add_proximal_grad`).
     Routes with fewer steps simply stop taking part. ``on_step(n)`` after every step, ``n`` the routes in it
     (a route's steps are the sum of its jobs' ``steps``, which a progress bar counts).
 
@@ -315,7 +345,8 @@ def train_routes_together(model: AdapterModel, starts: list[list[dict[str, torch
     """
     first = np.cumsum([0] + [len(route.jobs) for route in routes])
     bank = AdapterBank(model, [s for per_route in starts for s in per_route], seeds)
-    opt = StackedAdamW(list(bank.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = StackedAdamW(list(bank.trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prox = bank_proximal(bank, cfg.prox_mu)
     samplers = [routed_batches(route, cfg.batch_size, np.random.default_rng(seed)) for route, seed in zip(routes, seeds)]
     losses: list[list[torch.Tensor]] = [[] for _ in range(len(bank))]
     tokens = [0] * len(bank)
@@ -350,6 +381,7 @@ def train_routes_together(model: AdapterModel, starts: list[list[dict[str, torch
                     losses[grp.adapter].append(loss.detach())
                     active[grp.adapter] = True
             with phase("optimizer"):
+                add_proximal_grad(prox, bank, active)
                 opt.step(active)
                 opt.zero_grad()
             on_step(len(live))

@@ -51,7 +51,7 @@ from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import AdapterModel, state_bytes
 from fltac.models.backbone import cpu_model, model_folder_problem
 from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
-from fltac.wire import Broadcast, Submission
+from fltac.wire import Broadcast, Submission, with_frozen
 
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
@@ -432,8 +432,9 @@ class InProcessEngine:
             with phase("writes"):
                 self._save_submissions(exp, r, subs, starts)
         local = [m for m in metrics if m["phase"] == "local"]
+        idle = sum(m["phase"] == "idle" for m in metrics)  # adapters that took no step, hence sent nothing
         info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(received),
-                "accepted": len(subs), "dropped": len(jobs) - len(subs), "norm_bound": bound,
+                "accepted": len(subs), "idle": idle, "dropped": len(jobs) - len(subs) - idle, "norm_bound": bound,
                 "uplink_bytes": delivery.uplink_bytes, "downlink_bytes": delivery.downlink_bytes,
                 "train_tokens": sum(res.tokens for res in delivery.results.values()),
                 "train_seconds": round(train_seconds, 3),
@@ -465,8 +466,10 @@ class InProcessEngine:
         for client in jobs_of:
             result = delivery.results[client]
             metrics.extend(result.records)
-            subs.extend(Submission(client, u.key, u.state, u.num_examples, sent_part(broadcasts[client][u.key]),
-                                   u.extras) for u in result.uploads)
+            for u in result.uploads:
+                start = sent_part(broadcasts[client][u.key])
+                subs.append(Submission(client, u.key, with_frozen(u.state, start, self.cfg.lora.freeze_A),
+                                       u.num_examples, start, u.extras))
         return subs, expected, delivery
 
     def _screen(self, r: int, n_sampled: int, received: list[Submission], expected: dict,

@@ -18,7 +18,7 @@ from peft import get_peft_model
 
 from fltac.config import LoraConfig
 from fltac.eval.phases import phase
-from fltac.wire import is_lora_key
+from fltac.wire import frozen_keys, is_lora_key
 
 PEFT_PREFIX = "base_model.model."
 HEAD_PREFIX = "classifier."
@@ -75,17 +75,28 @@ class AdapterModel:
         if extra or not self.lora_keys or (task_type == "SEQ_CLS" and not self.head_keys):
             raise AdapterMismatch(f"unexpected trainable set: lora {len(self.lora_keys)}, head {self.head_keys}, "
                                   f"other {sorted(extra)}")
+        #: Tensors of the adapter state that never train (FFA-LoRA's lora_A, ``lora.freeze_A``): no gradient, so
+        #: no optimizer step; they stay what the client was sent.
+        self.frozen_keys = frozen_keys(self.lora_keys, lora.freeze_A)
+        for k in self.frozen_keys:
+            self.params[k].requires_grad_(False)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self.params.items()}
 
     def n_trainable(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        """Parameters local training steps (FFA-LoRA: B and the head; the frozen A is not counted)."""
+        return sum(p.numel() for p in self.trained.values())
+
+    @property
+    def trained(self) -> dict[str, torch.nn.Parameter]:
+        """The tensors local training steps: every one of ``params`` but the ``frozen_keys``."""
+        return {k: p for k, p in self.params.items() if k not in self.frozen_keys}
 
     def param_groups(self) -> list[dict]:
-        """AdamW parameter groups: one, at the optimizer's learning rate."""
-        return [{"params": list(self.params.values())}]
+        """AdamW parameter groups: one, at the optimizer's learning rate, over the trained tensors."""
+        return [{"params": list(self.trained.values())}]
 
     def state(self) -> dict[str, torch.Tensor]:
         """A float32 CPU copy of the adapter now in the model."""

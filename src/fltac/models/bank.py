@@ -68,8 +68,9 @@ class AdapterBank:
     def __init__(self, model: AdapterModel, states: list[dict[str, torch.Tensor]], seeds: list[int]):
         self.model = model
         with phase("adapter_state"):
-            self.params = {k: torch.nn.Parameter(torch.stack([s[k] for s in states]).to(model.device, torch.float32))
-                           for k in model.params}
+            self.params = {k: torch.nn.Parameter(torch.stack([s[k] for s in states]).to(model.device, torch.float32),
+                                                 requires_grad=p.requires_grad)  # frozen tensors (FFA-LoRA's A): none
+                           for k, p in model.params.items()}
         self.size = len(states)
         #: Each stream's dropout generator, seeded as its lone run seeds the global generator.
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -80,6 +81,11 @@ class AdapterBank:
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def trained(self) -> dict[str, torch.nn.Parameter]:
+        """The stacked tensors local training steps (the model's ``trained`` ones)."""
+        return {k: p for k, p in self.params.items() if p.requires_grad}
 
     def states(self) -> list[dict[str, torch.Tensor]]:
         """Float32 CPU copies of every adapter, in bank order."""

@@ -7,10 +7,13 @@ clients train and send.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from fltac.wire import State
@@ -52,6 +55,30 @@ def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.nd
     if k == 1:
         return np.zeros(len(features), dtype=np.int64)
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(features).astype(np.int64)
+
+
+def spectral_labels(features: np.ndarray, k: int, seed: int, n_init: int, n_neighbors: int | None = None) -> np.ndarray:
+    """Spectral clustering's cluster id of each row of ``features`` (k capped at the number of rows).
+
+    The rows are joined to their ``n_neighbors`` nearest others (Euclidean; on unit vectors the order of
+    cosine similarity) in a symmetric connectivity graph. Default: ``ceil(sqrt(n))``, but at most
+    ``ceil(n / k) - 1`` (the other members of a cluster of mean size, so a row's neighbours can all lie
+    in its own cluster) and at least 2; never above ``n - 1``. K-means
+    (``n_init`` restarts, ``random_state = seed``) on the first k eigenvectors of its normalised Laplacian gives
+    the labels (Ng, Jordan and Weiss 2001; von Luxburg 2007). Unlike K-means on the rows, it separates groups
+    of unequal size that are close in a few directions but chained by their neighbours. With no more
+    rows than clusters, or at most three rows, there is no graph worth cutting and :func:`kmeans_labels` answers.
+    """
+    n = len(features)
+    if min(k, n) == 1 or k >= n or n <= 3:  # no graph to cut: K-means (one cluster each when k >= n)
+        return kmeans_labels(features, k, seed, n_init)
+    neighbors = n_neighbors or max(2, min(math.ceil(math.sqrt(n)), math.ceil(n / k) - 1))
+    neighbors = min(n - 1, neighbors)
+    model = SpectralClustering(n_clusters=k, affinity="nearest_neighbors", n_neighbors=neighbors,
+                               random_state=seed, n_init=n_init, assign_labels="kmeans")
+    with warnings.catch_warnings():  # a graph in pieces is fine: its pieces are then clusters of their own
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        return model.fit_predict(features).astype(np.int64)
 
 
 def match_to_previous(new_centers: np.ndarray, old_centers: np.ndarray) -> np.ndarray:

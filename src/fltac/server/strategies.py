@@ -13,11 +13,12 @@ import torch
 
 from fltac.config import RunConfig
 from fltac.methods import method_of, pooled_slots
-from fltac.server.aggregate import clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection
+from fltac.server.aggregate import (clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection,
+                                   spectral_labels)
 from fltac.server.optimizers import DEFAULTS as OPTIMIZER_DEFAULTS
 from fltac.server.optimizers import ServerOptimizer
 from fltac.server.robust import Aggregation, Spec, spec_of
-from fltac.wire import Broadcast, State, Submission
+from fltac.wire import Broadcast, State, Submission, frozen_keys
 
 __all__ = ["AggregationError", "Broadcast", "Centralized", "EmptyRoundError", "FLTAC", "FedAvg", "Strategy",
            "Submission", "make_strategy"]
@@ -44,6 +45,8 @@ class Strategy:
     aggregation: Aggregation = Aggregation()
     #: What turns a slot's aggregate into its new adapter (``server.optimizer``; None: the aggregate itself).
     server_optimizer: ServerOptimizer | None = None
+    #: Tensors no client trains (FFA-LoRA's lora_A, ``lora.freeze_A``): every slot keeps the one it served.
+    frozen: tuple[str, ...] = ()
 
     def __init__(self, initial: State, n_slots: int):
         self.initial = initial
@@ -92,7 +95,10 @@ class Strategy:
         """Combine the members of each slot with ``self.aggregation`` (sample-weighted FedAvg by default; robust
         rules, optionally after update-norm clipping: see :mod:`fltac.server.robust`), then, with a
         ``server_optimizer``, step the slot from the adapter it served towards that aggregate
-        (:mod:`fltac.server.optimizers`); a slot that got no submission keeps its adapter and its memory."""
+        (:mod:`fltac.server.optimizers`); a slot that got no submission keeps its adapter and its memory.
+        The ``frozen`` tensors are the slot's own, bit for bit (its members all hold them: a weighted mean of
+        equal tensors could still move them by a rounding), so with FFA-LoRA's shared ``lora_A`` the merged
+        ``lora_B`` gives the exact average of the members' products ``B A``."""
         slots = list(self.slots_)
         for s in sorted(set(slot_of)):
             members = [sub for sub, c in zip(subs, slot_of) if c == s]
@@ -100,6 +106,8 @@ class Strategy:
                                         [m.num_examples for m in members])
             if self.server_optimizer is not None:
                 slots[s], self.memory_[s] = self.server_optimizer.step(self.slots_[s], slots[s], self.memory_[s])
+            if self.frozen:
+                slots[s] = {k: self.slots_[s][k].clone() if k in self.frozen else v for k, v in slots[s].items()}
         self.slots_ = slots
         assigned = {(sub.client, sub.key): int(c) for sub, c in zip(subs, slot_of)}
         self.assignment_.update(assigned)
@@ -170,6 +178,9 @@ class FLTAC(Strategy):
         only says the adapters are flattened; see ``server.cluster_normalize`` for why it is the default.
     seed, n_init : int
         K-means uses ``random_state = seed + round`` and ``n_init`` restarts.
+    clustering : {'kmeans', 'spectral'}
+        K-means on the features (the paper), or spectral clustering of their nearest-neighbour graph
+        (:func:`spectral_labels`, ``n_neighbors`` neighbours each; ``server.clustering``).
     kmeans_dims : int or None
         Project the (normalised) features to this many dimensions with a seeded Gaussian random projection
         before K-means (Johnson-Lindenstrauss: distances kept within a small factor), so thousands of
@@ -194,8 +205,11 @@ class FLTAC(Strategy):
     name = "fltac"
 
     def __init__(self, initial: State, n_clusters: int, feature_keys: list[str], cluster_on: str, seed: int,
-                 n_init: int = 10, normalize: bool = True, kmeans_dims: int | None = None):
+                 n_init: int = 10, normalize: bool = True, kmeans_dims: int | None = None,
+                 clustering: str = "kmeans", n_neighbors: int | None = None):
         super().__init__(initial, n_clusters)
+        self.clustering = clustering
+        self.n_neighbors = n_neighbors
         self.kmeans_dims = kmeans_dims
         self.feature_keys = feature_keys
         self.cluster_on = cluster_on
@@ -244,8 +258,14 @@ class FLTAC(Strategy):
             sums = onehot @ x if sums is None else sums + onehot @ x
         return sums / torch.from_numpy(np.bincount(cluster, minlength=k)).float()[:, None]
 
+    def labels(self, features: np.ndarray, round_: int) -> np.ndarray:
+        """The cluster id of each feature row, by ``self.clustering``, seeded by ``seed + round_``."""
+        if self.clustering == "spectral":
+            return spectral_labels(features, self.n_slots, self.seed + round_, self.n_init, self.n_neighbors)
+        return kmeans_labels(features, self.n_slots, self.seed + round_, self.n_init)
+
     def _aggregate(self, round_, subs):
-        labels = kmeans_labels(self.features(subs), self.n_slots, self.seed + round_, self.n_init)
+        labels = self.labels(self.features(subs), round_)
         found = np.unique(labels)
         if self.fitted_:
             centers = self.cluster_means(subs, np.searchsorted(found, labels), len(found))
@@ -278,6 +298,7 @@ def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[
     """The strategy of ``cfg.method`` (its registry factory), combining slot members by ``reliability.aggregation``."""
     strategy = method_of(cfg.method).make_strategy(cfg, initial, n_tasks, lora_keys)
     rel, server = cfg.reliability, cfg.server
+    strategy.frozen = tuple(frozen_keys(initial, cfg.lora.freeze_A))
     strategy.aggregation = Aggregation(rel.aggregation, rel.trim_fraction, rel.clip_norm, rel.krum_f, rel.multi_krum_m)
     if server.optimizer != "none":
         lr, tau = OPTIMIZER_DEFAULTS[server.optimizer]
@@ -296,6 +317,9 @@ def make_centralized(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: li
 
 
 def make_fltac(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str]) -> FLTAC:
-    keys = lora_keys if cfg.server.cluster_features == "lora" else list(initial)
+    keys = {"lora": lora_keys, "lora_B": [k for k in lora_keys if ".lora_B." in k],
+            "lora_and_head": list(initial)}[cfg.server.cluster_features]
+    keys = [k for k in keys if k not in frozen_keys(keys, cfg.lora.freeze_A)]  # FFA-LoRA: A is everyone's
     return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
-                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims)
+                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims,
+                 cfg.server.clustering, cfg.server.spectral_neighbors)
