@@ -261,3 +261,14 @@ def test_method_default_rank():
     assert RunConfig(method="centralized").rank == 4
     assert load_config(None, {"method": "fedit", "lora.rank": 8}).rank == 8
     assert load_config(None, {"method": "fedit"}).rank == 16
+
+
+def test_a_snapshot_from_before_spectral_clustering_reads_as_kmeans():
+    """server.clustering's default became 'spectral'; a run's config.json written before the key existed was
+    clustered with K-means, and reading it back must say so (resume, report and export rely on it)."""
+    snapshot = load_config(None, {}).to_dict()
+    assert snapshot["server"]["clustering"] == "spectral"
+    del snapshot["server"]["clustering"]
+    assert from_dict(snapshot).server.clustering == "kmeans"
+    snapshot["server"]["clustering"] = "spectral"
+    assert from_dict(snapshot).server.clustering == "spectral"

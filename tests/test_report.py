@@ -10,10 +10,11 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from fltac.cli import main
+from fltac.config import from_dict
 from fltac.eval.progress import Progress, eta, format_seconds
 from fltac.eval.report import (accuracy_vs_uplink, build_report, kmeans_features, load_run, majority_accuracy,
                                per_task_rows, submission_rounds)
-from fltac.server.aggregate import kmeans_labels
+from fltac.server.strategies import make_fltac
 
 PNGS = ["accuracy_per_round.png", "accuracy_vs_uplink.png", "clustering_accuracy.png", "confusion_fltac.png",
         "projection_fltac.png"]
@@ -78,14 +79,15 @@ def test_uplink_curve_ends_at_the_summary(tiny_runs):
         assert x == sorted(x) and len(x) == 2
 
 
-def test_projection_shows_what_kmeans_clustered(tiny_runs):
-    """K-means on the rebuilt features, seeded as the server seeds it, gives back the recorded clusters."""
+def test_projection_shows_what_the_server_clustered(tiny_runs):
+    """The run's own clustering (spectral by default) on the rebuilt features, seeded as the server seeds it,
+    gives back the recorded clusters."""
     run = load_run(tiny_runs["fltac"])
-    assert submission_rounds(run) == [1, 2]
+    assert submission_rounds(run) == [1, 2] and run.config["server"]["clustering"] == "spectral"
+    strategy = make_fltac(from_dict(run.config), {}, len(run.tasks), [])
     for r in (1, 2):
         feats, tasks, clusters = kmeans_features(run, r)
-        k = run.config["server"]["n_clusters"] or len(run.tasks)
-        again = kmeans_labels(feats, k, run.config["seed"] + r, run.config["server"]["kmeans_n_init"])
+        again = strategy.labels(feats, r)
         assert adjusted_rand_score(clusters, again) == 1.0
         assert np.allclose(np.linalg.norm(feats, axis=1), 1.0)  # the run normalised them
 

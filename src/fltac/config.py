@@ -391,9 +391,10 @@ class ReliabilityConfig:
     attacker_clients: list[int] = _help("Clients that attack every round they are sampled (for robustness "
                                         "experiments); each of their adapters is replaced as 'attack' says.",
                                         factory=list)
-    attack: Literal["none", "scale", "nan", "noise"] = _help(
-        "What attackers send: their trained adapter x attack_scale, NaN everywhere, or Gaussian noise with std "
-        "attack_noise_std in place of every entry.", "none")
+    attack: Literal["none", "scale", "nan", "noise", "missing"] = _help(
+        "What attackers send: their trained adapter x attack_scale, NaN everywhere, Gaussian noise with std "
+        "attack_noise_std in place of every entry, or (missing) their adapter without its first tensor: a "
+        "malformed upload, the control for an attacker whose every adapter is rejected.", "none")
     attack_scale: float = _help("Factor of the 'scale' attack and corruption.", 100.0)
     attack_noise_std: float = _help("Standard deviation of the 'noise' attack and corruption.", 1.0)
 
@@ -888,5 +889,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return build(RunConfig, data)
 
 
+#: Keys added with a default other than what runs made before them did: a snapshot that lacks one (a run's
+#: config.json from before the key existed) was made with this value, not with today's default.
+DEFAULT_BEFORE = {"server.clustering": "kmeans"}
+
+
 def from_dict(data: dict) -> RunConfig:
+    """The RunConfig of a complete snapshot (a run's ``config.json``, a Flower run config). Keys the snapshot
+    predates take their defaults, except those in :data:`DEFAULT_BEFORE`, which take the value its run used."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted, value in DEFAULT_BEFORE.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(key, value)
     return build(RunConfig, data)

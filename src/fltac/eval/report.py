@@ -10,8 +10,8 @@ Plots (matplotlib, Agg backend):
 - ``clustering_accuracy.png``: FL-TAC's clustering accuracy per round, one line per FL-TAC run;
 - ``confusion_<run>.png``: the final round's task-by-cluster counts of submitted adapters;
 - ``projection_<run>.png``: a 2-D PCA of the adapters clients submitted in the first and last round,
-  as the server's K-means saw them (computed by the run's own strategy from its ``server`` config),
-  coloured by the true task, marked by the cluster K-means put them in.
+  as the server's clustering saw them (computed by the run's own strategy from its ``server`` config),
+  coloured by the true task, marked by the cluster they were put in.
 
 The tables compare the runs from their ``summary.json``: the means, then each task's accuracy beside its
 majority-class accuracy.
@@ -153,7 +153,8 @@ def _slot_states(run: Run, round_: int) -> dict[int, dict]:
 
 
 def kmeans_features(run: Run, round_: int) -> tuple[np.ndarray, list[str], list[int]]:
-    """The vectors the server's K-means clustered in ``round_``, with each one's true task and assigned cluster.
+    """The vectors the server clustered in ``round_`` (K-means or spectral), with each one's true task and assigned
+    cluster.
 
     Computed by the run's own strategy (:meth:`fltac.server.strategies.FLTAC.features`, built from the run's
     config with the same factory), from the saved submissions and the adapters they started from: the same
@@ -408,7 +409,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, comm
                 pname = f"projection_{slug(run.name)}.png"
                 plot_projection(run, rounds, out / pname)
                 blocks += [("h3", f"{run.name}: submitted adapters, 2-D PCA"),
-                           ("p", "Each point is one adapter a client submitted, as the server's K-means saw it "
+                           ("p", "Each point is one adapter a client submitted, as the server's clustering saw it "
                                  f"({_feature_note(run.config)}); colour: its true task (never sent), marker: the "
                                  "cluster it was put in."),
                            ("img", pname, "PCA of submitted adapters")]
@@ -427,11 +428,12 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, comm
 
 def _feature_note(config: dict) -> str:
     server = from_dict(config).server  # the run's values, the config's defaults for keys it predates
-    what = "LoRA matrices" if server.cluster_features == "lora" else "LoRA matrices and head"
+    what = {"lora_B": "LoRA B matrices", "lora": "LoRA matrices", "lora_and_head": "LoRA matrices and head"}[
+        server.cluster_features]
     on = "update since the adapter it was sent" if server.cluster_on == "update" else "weights"
     norm = ", scaled to unit length" if server.cluster_normalize else ""
     projected = f", projected to {server.kmeans_dims} dimensions" if server.kmeans_dims is not None else ""
-    return f"{what}, {on}{norm}{projected}"
+    return f"{what}, {on}{norm}{projected}; {server.clustering} clustering"
 
 
 def render_markdown(blocks: list[tuple]) -> str:
