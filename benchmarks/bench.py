@@ -3,6 +3,16 @@
     .venv/bin/python benchmarks/bench.py            # full (a few minutes on 2 cores)
     .venv/bin/python benchmarks/bench.py --quick    # smaller sizes, for a smoke check
     .venv/bin/python benchmarks/bench.py --quick --training-only   # peaks and training tokens/s only
+    .venv/bin/python benchmarks/bench.py --product-only [--dtype float32]  # the engine's round + the reference's
+
+The product's round: the text5 default (``configs/text5.yaml``) run for 2 rounds by the real engine
+(:class:`fltac.engines.inprocess.InProcessEngine`, as ``fltac run --quiet`` runs it, into a temporary folder)
+with phase timing on (:mod:`fltac.eval.phases`); its round 2 (clients start from cluster slots, as in every
+later round) is reported: wall time from the start of its training to its checkpoint written
+(``round_seconds_product``: training, screening, aggregation, evaluation, writes) and where it went
+(``breakdown``: seconds per phase, ``other`` the rest). ``round_speedup_vs_reference_product`` = the reference
+approach's round / the product's round; the reference's round is its training only (no evaluation, no
+writes), so this ratio is a lower bound of the whole-round ratio.
 
 Measures, in one process (memory in subprocesses): the CPU and the capability torch reports; fp32 and
 bf16 matmul peaks at the backbone's shapes; the dtype ``dtype: auto`` picks; training tokens/s and
@@ -40,6 +50,9 @@ import torch
 from fltac.client.train import job_seed, task_loss, train_all_together, train_fast_path, train_job
 from fltac.config import load_config
 from fltac.data.batches import TokenStore
+from fltac.engines.inprocess import METRICS, InProcessEngine
+from fltac.eval import phases
+from fltac.io import read_jsonl
 from fltac.experiment import build_experiment
 from fltac.models.backbone import bf16_support, choose_dtype, cpu_model
 from fltac.server.strategies import FLTAC, Submission
@@ -111,6 +124,31 @@ def ours_round_seconds(exp) -> float:
     return time.perf_counter() - t0
 
 
+def product_round(dtype: str, round_: int = 2) -> dict:
+    """Round ``round_`` of the text5 default run by the real engine with phase timing on: its wall time (training
+    to checkpoint), its training seconds as metrics.jsonl records them, and its phase breakdown."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(ROOT / "configs/text5.yaml", {"output_dir": out, "train.rounds": round_, "dtype": dtype})
+        was_on = phases.enabled()
+        phases.enable()
+        try:
+            engine = InProcessEngine(cfg, quiet=True)
+            engine.run()
+        finally:
+            phases.enable(was_on)
+        line = next(m for m in read_jsonl(Path(out) / METRICS) if m["phase"] == "round" and m["round"] == round_)
+    return {"round_seconds": engine.round_seconds[round_], "train_seconds": line["train_seconds"],
+            "train_tokens": line["train_tokens"], "breakdown": engine.phase_seconds[round_]}
+
+
+def breakdown_table(breakdown: dict[str, float], wall: float) -> str:
+    """The breakdown as aligned lines: phase, seconds, share of the round, biggest first."""
+    rows = sorted(breakdown.items(), key=lambda kv: -kv[1])
+    return "\n".join([f"{'phase':<14}{'seconds':>9}{'share':>8}"] +
+                     [f"{name:<14}{sec:>9.2f}{sec / wall:>8.1%}" for name, sec in rows] +
+                     [f"{'round':<14}{wall:>9.2f}{1:>8.0%}"])
+
+
 def reference_round_seconds(exp_fp32, max_length: int) -> float:
     """The FL-TAC reference code's round (siqi2000/FL-TAC trainer.py/client.py), re-implemented:
     fp32 backbone with its pretrained dropout, every text padded to max length, per (client, task) a new
@@ -146,6 +184,15 @@ def reference_round_seconds(exp_fp32, max_length: int) -> float:
             done += 1
         model.state()
     return time.perf_counter() - t0
+
+
+def reference_round(overrides: dict) -> float:
+    """Seconds of :func:`reference_round_seconds` on its own fp32 text5 experiment (the pretrained backbone
+    dropout, sdpa attention; batching per_adapter, which backbone dropout requires and which changes none of
+    the jobs the reference trains), to 0.1 s."""
+    ref_cfg = load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": "float32", "backbone_dropout": None,
+                                                         "attn_implementation": "sdpa", "train.batching": "per_adapter"})
+    return round(reference_round_seconds(build_experiment(ref_cfg), ref_cfg.data.max_length), 1)
 
 
 MEMORY_SCRIPT = r"""
@@ -210,15 +257,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--training-only", action="store_true", help="stop after the training tokens/s")
+    ap.add_argument("--product-only", action="store_true",
+                    help="only the engine's round (with its phase breakdown) and the reference approach's round")
+    ap.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                    help="backbone dtype of the product's round and of the headline figures (default auto)")
     args = ap.parse_args()
     steps = 8 if args.quick else 24
     result: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     native, flags = bf16_support(torch.device("cpu"))
     result["capability"] = flags
-    result["dtype"] = choose_dtype("auto", torch.device("cpu"))[1]
+    result["dtype"] = choose_dtype(args.dtype, torch.device("cpu"))[1]
 
     overrides = {"output_dir": tempfile.mkdtemp()}
+    if args.product_only:
+        add_product_round(result, args.dtype, overrides)
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        print(json.dumps(result))
+        return
+    overrides["dtype"] = args.dtype
     exp = build_experiment(load_config(ROOT / "configs/text5.yaml", overrides))
     tokens_per_row = int(np.mean(exp.train_store.lengths))
     m = exp.cfg.train.batch_size * exp.cfg.data.max_length
@@ -257,14 +314,13 @@ def main() -> None:
 
     result["round_seconds"] = round(ours_round_seconds(exp), 1)
     result["round_seconds_float32"] = round(ours_round_seconds(experiments["float32"]), 1)
-    ref_cfg = load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": "float32", "backbone_dropout": None,
-                                                         "attn_implementation": "sdpa"})
-    ref_exp = build_experiment(ref_cfg)
-    result["reference_round_seconds"] = round(reference_round_seconds(ref_exp, ref_cfg.data.max_length), 1)
+    result["reference_round_seconds"] = reference_round(overrides)
     result["round_speedup_vs_reference"] = round(result["reference_round_seconds"] / result["round_seconds"], 2)
     result["round_speedup_vs_reference_float32"] = round(
         result["reference_round_seconds"] / result["round_seconds_float32"], 2)
     result["padding_fraction_reference"] = round(1 - tokens_per_row / exp.cfg.data.max_length, 3)
+    note("training rounds done; the product's round next")
+    add_product_round(result, args.dtype, overrides)
     note("rounds done; memory by clients next")
 
     result["peak_memory_mb_by_clients"] = peak_memory([10, 100] if args.quick else [10, 100, 1000])
@@ -274,7 +330,25 @@ def main() -> None:
     result["aggregation_seconds_by_adapters"] = aggregation_seconds(counts[:2], template, exp.model.lora_keys)
     result["aggregation_seconds_by_adapters_kmeans_dims_256"] = aggregation_seconds(counts, template,
                                                                                     exp.model.lora_keys, 256)
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
+
+
+def add_product_round(result: dict, dtype: str, overrides: dict) -> None:
+    """Add the product's round (:func:`product_round`), the reference approach's round unless ``result`` has it,
+    and their ratio to ``result``; print the breakdown on stderr."""
+    product = product_round(dtype)
+    wall = product["round_seconds"]
+    note("the product's round 2, phase by phase:\n" + breakdown_table(product["breakdown"], wall))
+    if "reference_round_seconds" not in result:
+        note("the reference approach's round next")
+        result["reference_round_seconds"] = reference_round(overrides)
+    reference_seconds = result["reference_round_seconds"]
+    result["round_seconds_product"] = round(wall, 2)
+    result["train_seconds_product"] = product["train_seconds"]
+    result["train_tokens_product"] = product["train_tokens"]
+    result["round_speedup_vs_reference_product"] = round(reference_seconds / wall, 2)
+    result["breakdown"] = {k: round(v, 3) for k, v in product["breakdown"].items()}
 
 
 if __name__ == "__main__":

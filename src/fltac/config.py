@@ -316,6 +316,11 @@ class EvalConfig:
         "judge: llm only: an OpenAI-compatible chat-completions URL; null = $FLTAC_JUDGE_ENDPOINT. The API key is "
         "read only from $FLTAC_JUDGE_API_KEY, never from a config.", None)
     judge_model: Optional[str] = _help("judge: llm only: the model name sent to the endpoint (null: none sent).", None)
+    phase_times: bool = _help(
+        "Time the phases of every round (building batches, forward, backward, optimizer, adapter state in and out, "
+        "screening, aggregation, evaluation, writes, other) and add them, in seconds, to the round's line of "
+        "metrics.jsonl as phase_seconds (they sum to its 'seconds'; that round's own file writes come after its line "
+        "and are not in it). Off by default; timing changes no result (see fltac.eval.phases).", False)
 
     def __post_init__(self):
         _check(self.eval_every >= 1, "eval.eval_every", "must be at least 1")

@@ -37,6 +37,7 @@ from fltac.client.proximal import Proximal
 from fltac.config import TrainConfig
 from fltac.data.batches import Batch, TokenStore, sample_batches
 from fltac.data.chat import LMBatch
+from fltac.eval.phases import phase
 from fltac.methods import method_of, pooled_slots
 from fltac.models.adapters import AdapterModel
 from fltac.models.causal_lm import lm_loss, row_token_nll
@@ -187,17 +188,22 @@ def train_job(model: AdapterModel, start: dict[str, torch.Tensor], store: TokenS
     model.model.train()
     opt = torch.optim.AdamW(model.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses, tokens = [], 0
-    for rows in sample_batches(job.rows, job.steps, cfg.batch_size, rng):
-        batch = store.batch(rows)
-        loss = task_loss(model.logits(**batch.model_inputs()), batch)
-        extra = [t for t in (h.extra_loss(model.params) for h in hooks) if t is not None]
-        (loss + sum(extra)).backward()
-        for h in hooks:
-            h.after_backward(model.params)
-        opt.step()
-        for h in hooks:
-            h.after_step(model.params)
-        opt.zero_grad(set_to_none=True)
+    batches = sample_batches(job.rows, job.steps, cfg.batch_size, rng)
+    for _ in range(job.steps):
+        with phase("batches"):
+            batch = store.batch(next(batches))
+        with phase("forward"):
+            loss = task_loss(model.logits(**batch.model_inputs()), batch)
+            extra = [t for t in (h.extra_loss(model.params) for h in hooks) if t is not None]
+        with phase("backward"):
+            (loss + sum(extra)).backward()
+            for h in hooks:
+                h.after_backward(model.params)
+        with phase("optimizer"):
+            opt.step()
+            for h in hooks:
+                h.after_step(model.params)
+            opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         tokens += batch.n_tokens
         on_step(1)
@@ -268,24 +274,30 @@ def train_jobs_together(model: AdapterModel, starts: list[dict[str, torch.Tensor
     model.model.train()
     with bank.installed():
         for _ in range(steps.pop()):
-            rows = [next(sampler) for sampler in samplers]
-            widths = [int(store.lengths[r].max()) for r in rows]
-            for members in micro_batches(widths, [len(r) for r in rows], max_tokens):
-                groups, blocks, start = [], [], 0
-                for g in members:
-                    groups.append(Group(g, start, start + len(rows[g])))
-                    blocks.append(Block(g, start, start + len(rows[g]), widths[g]))
-                    start += len(rows[g])
-                batch = store.batch(np.concatenate([rows[g] for g in members]))
-                bank.set_layout(groups, blocks)
-                per_job = group_losses(model.logits(**batch.model_inputs()), batch, groups)
-                torch.stack(per_job).sum().backward()
+            with phase("batches"):
+                rows = [next(sampler) for sampler in samplers]
+                widths = [int(store.lengths[r].max()) for r in rows]
+                passes = micro_batches(widths, [len(r) for r in rows], max_tokens)
+            for members in passes:
+                with phase("batches"):
+                    groups, blocks, start = [], [], 0
+                    for g in members:
+                        groups.append(Group(g, start, start + len(rows[g])))
+                        blocks.append(Block(g, start, start + len(rows[g]), widths[g]))
+                        start += len(rows[g])
+                    batch = store.batch(np.concatenate([rows[g] for g in members]))
+                    bank.set_layout(groups, blocks)
+                with phase("forward"):
+                    per_job = group_losses(model.logits(**batch.model_inputs()), batch, groups)
+                with phase("backward"):
+                    torch.stack(per_job).sum().backward()
                 for grp, loss in zip(groups, per_job):
                     losses[grp.adapter].append(loss.detach())
                     tokens[grp.adapter] += int(store.lengths[rows[grp.adapter]].sum())
-            add_proximal_grad(prox, bank)
-            opt.step()
-            opt.zero_grad()
+            with phase("optimizer"):
+                add_proximal_grad(prox, bank)
+                opt.step()
+                opt.zero_grad()
             on_step(len(jobs))
     return [(state, torch.stack(job_losses).tolist(), n_tok)
             for state, job_losses, n_tok in zip(bank.states(), losses, tokens)]
@@ -341,30 +353,37 @@ def train_routes_together(model: AdapterModel, starts: list[list[dict[str, torch
     model.model.train()
     with bank.installed():
         for step in range(max(route.steps for route in routes)):
-            live = [i for i, route in enumerate(routes) if route.steps > step]
-            drawn = [next(samplers[i]) for i in live]
-            widths = [int(store.lengths[rows].max()) for rows, _ in drawn]
+            with phase("batches"):
+                live = [i for i, route in enumerate(routes) if route.steps > step]
+                drawn = [next(samplers[i]) for i in live]
+                widths = [int(store.lengths[rows].max()) for rows, _ in drawn]
+                passes = micro_batches(widths, [len(rows) for rows, _ in drawn], max_tokens, same_width=True)
             active = [False] * len(bank)
-            for members in micro_batches(widths, [len(rows) for rows, _ in drawn], max_tokens, same_width=True):
-                groups, blocks, start = [], [], 0
-                for m in members:
-                    rows, owner = drawn[m]
-                    blocks.append(Block(live[m], start, start + len(rows), widths[m]))
-                    for j in np.unique(owner):
-                        where = np.flatnonzero(owner == j)
-                        groups.append(Group(int(first[live[m]] + j), start + int(where[0]), start + int(where[-1]) + 1))
-                        tokens[groups[-1].adapter] += int(store.lengths[rows[where]].sum())
-                    start += len(rows)
-                batch = store.batch(np.concatenate([drawn[m][0] for m in members]))
-                bank.set_layout(groups, blocks)
-                per_group = group_losses(model.logits(**batch.model_inputs()), batch, groups)
-                torch.stack(per_group).sum().backward()
+            for members in passes:
+                with phase("batches"):
+                    groups, blocks, start = [], [], 0
+                    for m in members:
+                        rows, owner = drawn[m]
+                        blocks.append(Block(live[m], start, start + len(rows), widths[m]))
+                        for j in np.unique(owner):
+                            where = np.flatnonzero(owner == j)
+                            groups.append(Group(int(first[live[m]] + j), start + int(where[0]),
+                                                start + int(where[-1]) + 1))
+                            tokens[groups[-1].adapter] += int(store.lengths[rows[where]].sum())
+                        start += len(rows)
+                    batch = store.batch(np.concatenate([drawn[m][0] for m in members]))
+                    bank.set_layout(groups, blocks)
+                with phase("forward"):
+                    per_group = group_losses(model.logits(**batch.model_inputs()), batch, groups)
+                with phase("backward"):
+                    torch.stack(per_group).sum().backward()
                 for grp, loss in zip(groups, per_group):
                     losses[grp.adapter].append(loss.detach())
                     active[grp.adapter] = True
-            add_proximal_grad(prox, bank, active)
-            opt.step(active)
-            opt.zero_grad()
+            with phase("optimizer"):
+                add_proximal_grad(prox, bank, active)
+                opt.step(active)
+                opt.zero_grad()
             on_step(len(live))
     states = bank.states()
     return [[(states[g], torch.stack(losses[g]).tolist() if losses[g] else [], tokens[g])

@@ -20,6 +20,10 @@ Failing clients (see :mod:`fltac.engines.faults`): a client that raises or runs 
 (:func:`fltac.server.robust.screen`) before the strategy sees it. Each lost adapter is logged to
 ``metrics.jsonl`` as ``{"phase": "dropped", "round", "client", "key", "kind", "reason"}``; too few
 surviving clients stop the run (:class:`TooFewClients`).
+
+Phase timing (:mod:`fltac.eval.phases`, off by default; ``eval.phase_times`` or ``phases.enable()``): each round's
+wall time and seconds per phase are kept in ``round_seconds`` / ``phase_seconds`` (what ``benchmarks/bench.py``
+reports) and, with ``eval.phase_times``, written into the round's line of ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from fltac.client.train import train_fast_path
 from fltac.config import ConfigError, RunConfig, from_dict
 from fltac.data import load_tasks
 from fltac.engines.faults import required_clients
+from fltac.eval import phases
+from fltac.eval.phases import phase
 from fltac.eval.progress import Progress, eta, format_seconds
 from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import AdapterModel, state_bytes
@@ -62,7 +68,7 @@ GENERATIONS = "generations.jsonl"  # causal LM, last round: per judged pair, pro
 RUN_FILES = (METRICS, CLUSTERS, CHECKPOINT, "adapters", "summary.json", "config.json", TASKS, "tensorboard",
              GENERATIONS)
 #: Config keys that may differ between a run and its resume: they do not change any result.
-RESUME_FREE_KEYS = {"output_dir"}
+RESUME_FREE_KEYS = {"output_dir", "eval.phase_times"}
 
 
 class RunError(RuntimeError):
@@ -198,6 +204,10 @@ class InProcessEngine:
         self.norm_reference: float | None = None  # the last accepted round's reference update norm (screening)
         self.run_id = uuid.uuid4().hex  # written to the folder's marker; a resume keeps the folder's
         self.file_hashes: dict[str, str] = {}  # adapters/round_<t>.safetensors -> SHA-256, for the checkpoint
+        #: With phase timing on (:mod:`fltac.eval.phases`): per round, its wall time from the start of its training
+        #: to its checkpoint written, and the seconds of each phase in it (``other``: the rest of that wall time).
+        self.round_seconds: dict[int, float] = {}
+        self.phase_seconds: dict[int, dict[str, float]] = {}
 
     def make_transport(self, exp: Experiment) -> Transport:
         """How this engine reaches its clients: in this process, on the experiment's model and data."""
@@ -306,6 +316,15 @@ class InProcessEngine:
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> dict:
+        """The whole run; its summary. ``eval.phase_times`` turns phase timing on for the run's duration."""
+        was_on = phases.enabled()
+        phases.enable(was_on or self.cfg.eval.phase_times)
+        try:
+            return self._run()
+        finally:
+            phases.enable(was_on)
+
+    def _run(self) -> dict:
         cfg = self.cfg
         ckpt = self.check_output()
         if ckpt is not None and ckpt["round"] >= cfg.train.rounds and (self.out / "summary.json").exists():
@@ -349,18 +368,24 @@ class InProcessEngine:
 
         for r in range(start_round, cfg.train.rounds + 1):
             t0 = time.perf_counter()
+            before = phases.collect() if phases.enabled() else None
             metrics, clusters, round_info = self.run_round(exp, r)
             if r % cfg.eval.eval_every == 0 or r == cfg.train.rounds:
-                evals = self.evaluate(exp, r)
+                with phase("evaluation"):
+                    evals = self.evaluate(exp, r)
                 metrics.extend(evals)
                 counters["last_eval"] = evals
             seconds = time.perf_counter() - t0
             round_info["seconds"] = round(seconds, 3)
+            if before is not None and cfg.eval.phase_times:  # up to this line, as 'seconds'
+                round_info["phase_seconds"] = {k: round(v, 4) for k, v in
+                                               phases.breakdown(before, phases.collect(), seconds).items()}
             metrics.append(round_info)
-            io.append_jsonl(self.out / METRICS, metrics)
-            io.append_jsonl(self.out / CLUSTERS, clusters)
-            if self.tb is not None:
-                self.tb.write(metrics)
+            with phase("writes"):
+                io.append_jsonl(self.out / METRICS, metrics)
+                io.append_jsonl(self.out / CLUSTERS, clusters)
+                if self.tb is not None:
+                    self.tb.write(metrics)
             counters["metrics_lines"] += len(metrics)
             counters["cluster_lines"] += len(clusters)
             counters["uplink_bytes"] += round_info["uplink_bytes"]
@@ -369,9 +394,13 @@ class InProcessEngine:
             counters["dropped"] += round_info["dropped"]
             counters["norm_reference"] = self.norm_reference
             counters["wall_seconds"] += seconds + (setup_seconds if r == start_round else 0.0)
-            tensors, _ = exp.strategy.state_dict()
-            io.save_tensors(self.out / "adapters" / f"round_{r}.safetensors", tensors)
-            self._save_checkpoint(exp, r, counters)
+            with phase("writes"):
+                tensors, _ = exp.strategy.state_dict()
+                io.save_tensors(self.out / "adapters" / f"round_{r}.safetensors", tensors)
+                self._save_checkpoint(exp, r, counters)
+            if before is not None:
+                self.round_seconds[r] = time.perf_counter() - t0
+                self.phase_seconds[r] = phases.breakdown(before, phases.collect(), self.round_seconds[r])
             left = eta(r - start_round + 1, cfg.train.rounds - start_round + 1, time.perf_counter() - t_start)
             self.log(self.round_line(r, round_info, clusters, counters["last_eval"])
                      + (f" | run ETA {format_seconds(left)}" if r < cfg.train.rounds else ""))
@@ -394,11 +423,14 @@ class InProcessEngine:
         received, expected, delivery = self._run_clients(exp, r, jobs, len(clients), metrics, bar)
         bar.close()
         train_seconds = time.perf_counter() - t_train
-        subs, bound = self._screen(r, len(clients), received, expected, metrics)
-        assigned = exp.strategy.aggregate(r, subs)
-        clusters = exp.strategy.cluster_records(r, assigned, jobs, exp.task_names)
+        with phase("screening"):
+            subs, bound = self._screen(r, len(clients), received, expected, metrics)
+        with phase("aggregation"):
+            assigned = exp.strategy.aggregate(r, subs)
+            clusters = exp.strategy.cluster_records(r, assigned, jobs, exp.task_names)
         if clusters and r in (1, cfg.train.rounds):
-            self._save_submissions(exp, r, subs, starts)
+            with phase("writes"):
+                self._save_submissions(exp, r, subs, starts)
         local = [m for m in metrics if m["phase"] == "local"]
         idle = sum(m["phase"] == "idle" for m in metrics)  # adapters that took no step, hence sent nothing
         info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(received),

@@ -17,6 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from fltac.config import LoraConfig
+from fltac.eval.phases import phase
 from fltac.wire import frozen_keys, is_lora_key
 
 PEFT_PREFIX = "base_model.model."
@@ -99,12 +100,13 @@ class AdapterModel:
 
     def state(self) -> dict[str, torch.Tensor]:
         """A float32 CPU copy of the adapter now in the model."""
-        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
+        with phase("adapter_state"):
+            return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into the model's adapter slot; keys and shapes must match exactly."""
         check_state(state, self.shapes)
-        with torch.no_grad():
+        with phase("adapter_state"), torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state[k])
 

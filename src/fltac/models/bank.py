@@ -34,6 +34,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.utils.other import ModulesToSaveWrapper
 
+from fltac.eval.phases import phase
 from fltac.models.adapters import AdapterModel, canonical_key
 
 
@@ -66,9 +67,10 @@ class AdapterBank:
 
     def __init__(self, model: AdapterModel, states: list[dict[str, torch.Tensor]], seeds: list[int]):
         self.model = model
-        self.params = {k: torch.nn.Parameter(torch.stack([s[k] for s in states]).to(model.device, torch.float32),
-                                             requires_grad=p.requires_grad)  # frozen tensors (FFA-LoRA's A): none
-                       for k, p in model.params.items()}
+        with phase("adapter_state"):
+            self.params = {k: torch.nn.Parameter(torch.stack([s[k] for s in states]).to(model.device, torch.float32),
+                                                 requires_grad=p.requires_grad)  # frozen tensors (FFA-LoRA's A): none
+                           for k, p in model.params.items()}
         self.size = len(states)
         #: Each stream's dropout generator, seeded as its lone run seeds the global generator.
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -87,8 +89,9 @@ class AdapterBank:
 
     def states(self) -> list[dict[str, torch.Tensor]]:
         """Float32 CPU copies of every adapter, in bank order."""
-        return [{k: p[g].detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
-                for g in range(len(self))]
+        with phase("adapter_state"):
+            return [{k: p[g].detach().to("cpu", torch.float32, copy=True) for k, p in self.params.items()}
+                    for g in range(len(self))]
 
     def set_layout(self, groups: list[Group], blocks: list[Block]) -> None:
         """Declare the layout of the next forward pass: contiguous rows per adapter (``groups``) and per
