@@ -70,7 +70,7 @@ def spectral_labels(features: np.ndarray, k: int, seed: int, n_init: int, n_neig
     rows than clusters, or at most three rows, there is no graph worth cutting and :func:`kmeans_labels` answers.
     """
     n = len(features)
-    if min(k, n) == 1 or k >= n or n <= 3:  # no graph to cut: K-means (one cluster each when k >= n)
+    if k == 1 or k >= n or n <= 3:  # no graph to cut: K-means (one cluster each when k >= n)
         return kmeans_labels(features, k, seed, n_init)
     neighbors = n_neighbors or max(2, min(math.ceil(math.sqrt(n)), math.ceil(n / k) - 1))
     neighbors = min(n - 1, neighbors)
