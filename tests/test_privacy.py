@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config_overrides
+from conftest import run_killed_and_resumed, tiny_config_overrides
 from safetensors.torch import load_file
 
 from fltac import io
@@ -157,24 +157,11 @@ def test_a_dp_run_records_the_accountants_epsilon_and_noised_adapters(method, mo
 def test_a_dp_run_resumes_byte_identically(mode, tiny_bert, csv_scenario, tmp_path, monkeypatch):
     """The noise streams are (seed, round, client/slot) and the accountant is recomputed from the round, so a run
     killed before round 2's records resumes to the uninterrupted run's files, byte for byte; FedAdam composes."""
-    from fltac.engines.inprocess import InProcessEngine
-
     extra = {"privacy.mode": mode, "privacy.target_epsilon": 8.0, "server.optimizer": "fedadam",
              "lora.freeze_A": True}
     whole = run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "whole", **extra)), quiet=True)
-    original = InProcessEngine.evaluate
-
-    def crash(self, exp, r, *args, **kwargs):
-        if r == 2:
-            raise RuntimeError("simulated kill before round 2's records")
-        return original(self, exp, r, *args, **kwargs)
-
     cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "cut", **extra))
-    monkeypatch.setattr(InProcessEngine, "evaluate", crash)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(cfg, quiet=True)
-    monkeypatch.undo()
-    resumed = run(cfg, resume=True, quiet=True)
+    resumed = run_killed_and_resumed(cfg, monkeypatch)
     for name in ("round_1.safetensors", "round_2.safetensors"):
         assert (tmp_path / "whole" / "adapters" / name).read_bytes() == (tmp_path / "cut" / "adapters" / name).read_bytes()
     strip = lambda rows: [{k: v for k, v in m.items() if "seconds" not in k} for m in rows]  # noqa: E731

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from fltac.config import ConfigError, RunConfig
+from fltac.server.robust import update_norm
 from fltac.wire import State
 
 #: Salts of the noise streams (fixed forever: changing one changes results).
@@ -122,8 +123,7 @@ def summary_record(cfg: RunConfig) -> dict:
 
 def client_clip_factor(states: list[State], starts: list[State], keys: list[list[str]], clip_norm: float) -> float:
     """min(1, C / ||u||) for one client's updates ``u = (s - s0)`` over ``keys[i]`` of each of its states."""
-    norm = math.sqrt(sum(float(((s[k].double() - s0[k].double()) ** 2).sum())
-                         for s, s0, ks in zip(states, starts, keys) for k in ks))
+    norm = math.sqrt(sum(update_norm({k: s[k] for k in ks}, s0) ** 2 for s, s0, ks in zip(states, starts, keys)))
     return min(1.0, clip_norm / norm) if norm > 0 else 1.0
 
 
