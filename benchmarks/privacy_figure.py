@@ -2,10 +2,11 @@
 
     python benchmarks/privacy_figure.py results/dp --png docs/img/privacy_utility_text5.png
 
-Reads every run folder under the given folders (each one's ``config.json``, ``summary.json`` and
+Reads every run folder under the given folders (each one's ``config.json``, ``metrics.jsonl`` and
 ``cluster_assignments.jsonl``) and groups runs by (method, privacy mode, target epsilon), over seeds. Per group:
-the mean and spread (sample standard deviation) of the served mean accuracy, of the clustering accuracy of the
-last round (FL-TAC) and the epsilon the run recorded. A run without DP is its method's "no DP" point.
+the mean and spread (sample standard deviation) of the served mean accuracy and of the clustering accuracy
+(FL-TAC) at the last evaluated round, and the epsilon spent by then. A run without DP is its method's "no DP"
+point. An unfinished run counts at its last evaluated round, which the table's "round" column gives.
 """
 
 from __future__ import annotations
@@ -16,19 +17,27 @@ import statistics
 from pathlib import Path
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def run_point(run: Path) -> dict | None:
-    """(method, mode, target epsilon, seed, mean accuracy, clustering accuracy, epsilon) of a finished run."""
-    if not (run / "summary.json").exists():
+    """(method, mode, target epsilon, seed, mean accuracy, clustering accuracy, epsilon, rounds done) of a run, at its
+    last evaluated round (an unfinished run counts with the rounds it has: the table and the plot say so)."""
+    if not (run / "config.json").exists():
         return None
     cfg = json.loads((run / "config.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    privacy = summary.get("privacy") or {}
-    clusters = [json.loads(line) for line in (run / "cluster_assignments.jsonl").read_text().splitlines()
-                if line.strip()] if (run / "cluster_assignments.jsonl").exists() else []
+    records = _jsonl(run / "metrics.jsonl")
+    evals = [r for r in records if r["phase"] == "eval"]
+    if not evals:
+        return None
+    last = max(r["round"] for r in evals)
+    line = next(r for r in records if r["phase"] == "round" and r["round"] == last)
+    clusters = [c for c in _jsonl(run / "cluster_assignments.jsonl") if c["round"] == last]
+    accs = [r["accuracy"] for r in evals if r["round"] == last]
     return {"method": cfg["method"], "mode": cfg["privacy"]["mode"], "target": cfg["privacy"]["target_epsilon"],
-            "seed": cfg["seed"], "accuracy": summary["mean_accuracy"],
-            "clustering": clusters[-1]["clustering_accuracy"] if clusters else None,
-            "epsilon": privacy.get("epsilon"), "sigma": privacy.get("noise_multiplier"),
+            "seed": cfg["seed"], "accuracy": sum(accs) / len(accs), "round": last, "of": cfg["train"]["rounds"],
+            "clustering": clusters[0]["clustering_accuracy"] if clusters else None, "epsilon": line.get("epsilon"),
             "threads": cfg["num_threads"]}
 
 
@@ -55,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     points = [p for folder in args.folders for run in sorted(folder.iterdir()) if run.is_dir()
               for p in [run_point(run)] if p is not None]
     table = groups(points)
-    print("| method | DP | target epsilon | sigma | epsilon recorded | seeds | mean accuracy | clustering accuracy |")
+    print("| method | DP | target epsilon | round | epsilon spent | seeds | mean accuracy | clustering accuracy |")
     print("|---|---|---|---|---|---|---|---|")
     for (method, mode, target), runs in table.items():
-        sigma = f"{runs[0]['sigma']:.3f}" if runs[0]["sigma"] is not None else "-"
         eps = f"{runs[0]['epsilon']:.3f}" if runs[0]["epsilon"] is not None else "∞"
-        print(f"| {method} | {mode} | {target if target is not None else '-'} | {sigma} | {eps} | "
+        done = sorted({f"{r['round']} of {r['of']}" for r in runs})
+        print(f"| {method} | {mode} | {target if target is not None else '-'} | {', '.join(done)} | {eps} | "
               f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
               f"{spread([r['accuracy'] for r in runs])} | "
               f"{spread([r['clustering'] for r in runs if r['clustering'] is not None])} |")
