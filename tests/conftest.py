@@ -90,6 +90,24 @@ def tiny_runs(tiny_bert, csv_scenario, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def run_killed_and_resumed(cfg, monkeypatch, round_: int = 2) -> dict:
+    """Run ``cfg`` killed (a raise) before round ``round_``'s records are written, then resume it; the summary."""
+    from fltac.engines.inprocess import InProcessEngine, run
+
+    original = InProcessEngine.evaluate
+
+    def crash(self, exp, r, *args, **kwargs):
+        if r == round_:
+            raise RuntimeError(f"simulated kill before round {round_}'s records")
+        return original(self, exp, r, *args, **kwargs)
+
+    monkeypatch.setattr(InProcessEngine, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(cfg, quiet=True)
+    monkeypatch.undo()
+    return run(cfg, resume=True, quiet=True)
+
+
 def train_alone_and_together(exp, jobs, seed: int, pass_tokens: int = 10_000):
     """(start adapter, results one by one, results in shared passes) of ``jobs`` from the initial adapter:
     the fast path's equality checks (tests/test_speed.py, tests/test_chat.py)."""

@@ -31,7 +31,7 @@ from fltac.experiment import build_experiment
 from fltac.models.bank import AdapterBank
 from fltac.server.strategies import make_strategy
 from fltac.wire import A_SUFFIX, B_SUFFIX, Broadcast, Submission
-from tests.conftest import assert_same_training, tiny_config_overrides
+from tests.conftest import assert_same_training, run_killed_and_resumed, tiny_config_overrides
 
 MU = 10.0  # large enough to change a few steps of training well beyond fp32 rounding
 
@@ -248,23 +248,10 @@ def test_an_ffa_lora_fedprox_run_with_a_server_optimizer_resumes_bit_for_bit(tin
     """Neither option keeps state of its own (the shared A is in the slots, the anchor is the broadcast), so a
     run killed before round 2's records resumes to the uninterrupted run's adapters, bit for bit; FedAdam's
     zero pseudo-gradient on A leaves it the initial one."""
-    from fltac.engines.inprocess import InProcessEngine
-
     extra = {"lora.freeze_A": True, "train.prox_mu": 0.01, "server.optimizer": "fedadam"}
     whole = run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "whole", **extra)), quiet=True)
-    original = InProcessEngine.evaluate
-
-    def crash(self, exp, r, *args, **kwargs):
-        if r == 2:
-            raise RuntimeError("simulated kill before round 2's records")
-        return original(self, exp, r, *args, **kwargs)
-
     cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "cut", **extra))
-    monkeypatch.setattr(InProcessEngine, "evaluate", crash)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(cfg, quiet=True)
-    monkeypatch.undo()
-    resumed = run(cfg, resume=True, quiet=True)
+    resumed = run_killed_and_resumed(cfg, monkeypatch)
     a, b = (load_file(tmp_path / d / "adapters" / "round_2.safetensors") for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["per_task_accuracy"] == whole["per_task_accuracy"]

@@ -328,6 +328,31 @@ def test_ffa_lora_and_fedprox_give_the_inprocess_result_through_flower_messages(
     assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0
 
 
+def test_local_dp_noise_is_added_by_the_flower_client(tiny_bert, csv_scenario, tmp_path, task_identity):
+    """privacy.mode local: the ClientApp's reply already carries the noise (every uploaded entry of B, zero when
+    sent in round 1, is off by about sigma C), and the run's adapter files are the in-process run's, byte for byte."""
+    from fltac.engines.flower import FlowerEngine, decode_result
+
+    extra = {"method": "fltac", "privacy.mode": "local", "privacy.noise_multiplier": 2.0, "privacy.clip_norm": 0.1}
+    run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)
+    grid, replies = ScriptedGrid(2, {}), []
+    send = grid.send_and_receive
+
+    def recording(messages, *, timeout=None):
+        got = send(messages, timeout=timeout)
+        replies.extend(rep for m, rep in zip(messages, got) if m.metadata.message_type == "train")
+        return got
+
+    grid.send_and_receive = recording
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    FlowerEngine(cfg, grid, quiet=True).run()
+    _same_adapter_files(tmp_path / "ref", tmp_path / "flower")
+    round_1 = [decode_result(m.content)[0] for m in replies[:2]]
+    entries = torch.cat([u.state[k].flatten() for res in round_1 for u in res.uploads for k in u.state
+                         if k.endswith("lora_B.weight")]).double()
+    assert float(entries.std()) == pytest.approx(0.2, rel=0.15)
+
+
 @needs_bf16
 @pytest.mark.parametrize("method", ["fltac", "fedit"])
 def test_flower_clients_give_the_inprocess_adapters_byte_for_byte_in_bf16(method, tiny_bert, csv_scenario, tmp_path,

@@ -32,7 +32,8 @@ def test_report_has_plots_and_a_table_of_both_runs(tiny_runs, tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[:4] == [method, s["method"], str(s["rounds"]), f"{s['mean_accuracy']:.4f}"]
         assert cells[5] == ("-" if s["clustering_accuracy"] is None else f"{s['clustering_accuracy']:.4f}")
-        assert cells[6:] == [f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}", f"{s['wall_seconds']:.1f}"]
+        assert cells[6:] == [f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}", "-",  # no DP: no epsilon
+                             f"{s['wall_seconds']:.1f}"]
     page = (tmp_path / "report" / "report.html").read_text()
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(PNGS)  # relative: opens with its images
     assert sorted(re.findall(r"\]\(([^)]+\.png)\)", text)) == sorted(PNGS)

@@ -431,6 +431,44 @@ class ReliabilityConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy (see docs/algorithms.md#differential-privacy, :mod:`fltac.privacy`).
+
+    The unit of privacy is one client: all its adapters of a round are clipped together to ``clip_norm``.
+    ``local``: every client clips its update and adds Gaussian noise before it sends it (the server, and
+    FL-TAC's clustering, only ever see noised adapters). ``central``: DP-FedAvg (McMahan et al., arXiv
+    1710.06963): the server clips each client's update, averages clients with equal weights and adds noise to
+    the average. Epsilon comes from opacus's RDP accountant (``pip install 'fltac[dp]'``).
+    """
+
+    mode: Literal["none", "local", "central"] = _help(
+        "none: no DP. local: each client clips its round's update (all its adapters together) to clip_norm and adds "
+        "N(0, (noise_multiplier clip_norm)^2) to every uploaded coordinate before sending. central: the server "
+        "clips each client's update to clip_norm, averages the clients of each slot (each FL-TAC cluster) with "
+        "equal weights and adds N(0, (noise_multiplier clip_norm / n)^2) to the average of n clients. fltac and "
+        "fedit only.", "none")
+    clip_norm: float = _help("C: the L2 bound on one client's round update ||s - s0|| (its adapters' trained tensors "
+                             "together, lora_A left out under lora.freeze_A).", 1.0)
+    noise_multiplier: Optional[float] = _help(
+        "sigma: noise std in units of clip_norm. Give it or target_epsilon, not both.", None)
+    target_epsilon: Optional[float] = _help(
+        "Solve sigma so that the run's total epsilon (all train.rounds, at privacy.delta) is at most this "
+        "(opacus get_noise_multiplier, RDP accountant). Give it or noise_multiplier, not both.", None)
+    delta: float = _help("The delta of (epsilon, delta)-DP; must be below 1 / partition.n_clients.", 1e-5)
+
+    def __post_init__(self):
+        _check(self.clip_norm > 0, "privacy.clip_norm", f"must be positive, got {self.clip_norm!r}")
+        _check(self.noise_multiplier is None or self.noise_multiplier > 0, "privacy.noise_multiplier",
+               f"must be positive or null, got {self.noise_multiplier!r}")
+        _check(self.target_epsilon is None or self.target_epsilon > 0, "privacy.target_epsilon",
+               f"must be positive or null, got {self.target_epsilon!r}")
+        _check(0.0 < self.delta < 1.0, "privacy.delta", "must lie in (0, 1)")
+        if self.mode != "none":
+            _check((self.noise_multiplier is None) != (self.target_epsilon is None), "privacy.noise_multiplier",
+                   f"or privacy.target_epsilon must be set (exactly one of them) with privacy.mode {self.mode}")
+
+
+@dataclass(frozen=True)
 class HaflConfig:
     """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see docs/hafl.md.
 
@@ -564,6 +602,7 @@ class RunConfig:
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     hafl: HaflConfig = field(default_factory=HaflConfig)
     safedlora: SAFedLoraConfig = field(default_factory=SAFedLoraConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self):
         _check(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0, "backbone_dropout",
@@ -585,6 +624,8 @@ class RunConfig:
                f"staged model); FFA-LoRA applies to the methods training plain LoRA without client hooks")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
+        if self.privacy.mode != "none":
+            self._check_privacy()
         if self.method in ("hafl", "hetlora"):
             self._check_hafl()
         if METHODS[self.method].trains_backbone:
@@ -603,6 +644,19 @@ class RunConfig:
             _check(anneal == 0 or sa.warm_rounds + sa.cool_rounds <= anneal, "safedlora.warm_rounds",
                    f"+ safedlora.cool_rounds must not exceed the {anneal} annealing round(s) "
                    f"(train.rounds - safedlora.init_rounds)")
+
+    def _check_privacy(self) -> None:
+        p, n = self.privacy, self.partition.n_clients
+        _check(self.method != "centralized", "privacy.mode",
+               "must be none with method centralized: it pools all data in one place, so there is no client to protect")
+        _check(METHODS[self.method].private, "privacy.mode",
+               f"must be none with method {self.method}: client-level DP is implemented for fltac and fedit (their "
+               f"uploads are whole plain-LoRA adapters; its own uploads carry scores or a packed layout)")
+        _check(p.delta < 1.0 / n, "privacy.delta", f"must be below 1 / partition.n_clients = {1.0 / n:.3g}")
+        if p.mode == "central":
+            _check(self.reliability.aggregation == "fedavg" and self.reliability.clip_norm is None,
+                   "reliability.aggregation", "must be fedavg (and reliability.clip_norm null) with privacy.mode "
+                   "central: DP-FedAvg is its own clipped, equally weighted mean (privacy.clip_norm)")
 
     def _check_hafl(self) -> None:
         h, n = self.hafl, self.partition.n_clients

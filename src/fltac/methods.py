@@ -38,6 +38,7 @@ class Method:
     export: Literal["per_task", "one"] | None = "per_task"  # peft folders: one per task, one in all, or none
     server_optimizer: bool = True   # slots merged per slot (Strategy._merge), so server.optimizer applies
     proximal: bool = True           # train.prox_mu applies: its clients train tensors the broadcast holds as sent
+    private: bool = False           # privacy.mode applies: whole plain-LoRA uploads, merged per slot (fltac.privacy)
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``
 
@@ -55,9 +56,9 @@ class Method:
 
 _RECORDS = (
     Method("fltac", "one adapter per (client, task), K-means + FedAvg per cluster.", "per_task",
-           "fltac.server.strategies:make_fltac", default_rank=4),
+           "fltac.server.strategies:make_fltac", default_rank=4, private=True),
     Method("fedit", "one shared adapter per client, FedAvg.", "shared",
-           "fltac.server.strategies:make_fedavg", default_rank=16, export="one"),
+           "fltac.server.strategies:make_fedavg", default_rank=16, export="one", private=True),
     Method("centralized", "pooled data, one adapter per task (upper bound).", "pooled",
            "fltac.server.strategies:make_centralized", default_rank=4, engines=("inprocess",),
            engine_note="pools all data in one process"),

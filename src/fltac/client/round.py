@@ -14,6 +14,7 @@ from fltac.client.train import job_seed, train_all_routed, train_job
 from fltac.config import RunConfig
 from fltac.engines.faults import run_client, tamper
 from fltac.models.adapters import AdapterModel
+from fltac.privacy import local_dp
 from fltac.wire import HOOK_PROXIMAL, Upload, frozen_keys
 
 
@@ -80,6 +81,8 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
     With ``train.batching: routed`` on a bank-capable model (:func:`uses_bank`), a client not in ``trained``
     trains its jobs together in the routed layout, alone (:func:`fltac.client.train.train_all_routed`): the
     computation the fast path does for it beside the other clients, bit for bit.
+    With ``privacy.mode: local`` the uploads are clipped together and noised here (:func:`fltac.privacy.local_dp`),
+    on the client, before attacks and corruptions alter them.
     ``bar`` counts adapter steps (a job's ``steps``): it advances with every step this client trains, and by
     the rest of the client's steps when it fails; steps trained on the fast path were counted there.
     """
@@ -126,10 +129,17 @@ def train_client(model, store, cfg: RunConfig, r: int, client: int, cjobs: list,
                             "kind": outcome.kind, "reason": outcome.reason} for j in cjobs)
         out.failed = True
         return out
+    sent = []
     for job, (state, losses, n_tok, extras) in outcome.done:
         if not losses:  # routed: its task had no row in any of the client's steps, so its update is exactly zero
             out.records.append({"phase": "idle", "round": r, "client": client, "key": job.key})
             continue
+        sent.append((job, state, extras))
+    states = [state for _, state, _ in sent]
+    if cfg.privacy.mode == "local":  # clipped together and noised here, before anything leaves the client
+        starts = [{k: v for k, v in sent_part(broadcasts[job.key]).items() if k in state} for job, state, _ in sent]
+        states = local_dp(states, starts, cfg, r, client)
+    for (job, _, extras), state in zip(sent, states):
         state, notes = tamper(rel, cfg.seed, r, client, job.key, state)
         out.records.extend({"phase": "injected", "round": r, "client": client, "key": job.key, "fault": note}
                            for note in notes)

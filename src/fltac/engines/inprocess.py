@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fltac import io, rng
+from fltac import io, privacy, rng
 from fltac.client.round import ClientResult, sent_part, train_client, uses_bank
 from fltac.client.train import train_fast_path
 from fltac.config import ConfigError, RunConfig, from_dict
@@ -334,6 +334,8 @@ class InProcessEngine:
         problem = model_folder_problem(cfg.model_name)
         if problem:
             raise RunError(problem)
+        private = cfg.privacy.mode != "none"
+        sigma = privacy.noise_multiplier(cfg) if private else None  # a missing accountant: before any write
         tasks = self.tasks if self.tasks is not None else load_tasks(cfg.data)  # data problems before any write
         self._claim_output(ckpt)
         exp = build_experiment(cfg, tasks)
@@ -341,6 +343,10 @@ class InProcessEngine:
         self.log(f"[fltac] method {cfg.method}, {len(exp.tasks)} tasks, {cfg.partition.n_clients} clients, "
                  f"{len(exp.jobs)} adapters trained per round, rank {cfg.rank}")
         self.log(f"[fltac] dtype {exp.dtype_note}; attention {exp.attn}; {exp.threads} threads; CPU {cpu_model()}")
+        if private:
+            p = privacy.summary_record(cfg)
+            self.log(f"[fltac] {p['mode']} DP: clip norm {p['clip_norm']:g}, noise multiplier {sigma:.4g}, sample rate "
+                     f"{p['sample_rate']:.3g}: epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after {p['steps']} rounds")
         counters = {"metrics_lines": 0, "cluster_lines": 0, "uplink_bytes": 0, "downlink_bytes": 0,
                     "wall_seconds": 0.0, "train_tokens": 0, "last_eval": None, "dropped": 0, "norm_reference": None}
         start_round = 1
@@ -442,6 +448,8 @@ class InProcessEngine:
         if clusters:
             info.update({k: clusters[0][k] for k in ("clustering_accuracy", "ari", "nmi")})
         info.update(exp.strategy.round_metrics())
+        if cfg.privacy.mode != "none":
+            info.update(privacy.round_record(cfg, r))
         return metrics, clusters, info
 
     def _run_clients(self, exp: Experiment, r: int, jobs: list, n_sampled: int, metrics: list[dict],
@@ -629,6 +637,7 @@ class InProcessEngine:
             **({"per_task_judge_score": judged, "judge": self.cfg.eval.judge,
                 "mean_judge_score": float(np.mean([v for v in judged.values() if v is not None]))
                 if any(v is not None for v in judged.values()) else None} if judged else {}),
+            **({"privacy": privacy.summary_record(self.cfg)} if self.cfg.privacy.mode != "none" else {}),
             "clustering_accuracy": last.get("clustering_accuracy"),
             "ari": last.get("ari"),
             "nmi": last.get("nmi"),

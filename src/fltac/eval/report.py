@@ -327,7 +327,7 @@ def plot_projection(run: Run, rounds: list[int], path: Path) -> None:
 # ---- the document ----------------------------------------------------------------------------------
 
 TABLE_HEAD = ["run", "method", "rounds", "mean accuracy", "personalized", "clustering accuracy", "uplink bytes",
-              "downlink bytes", "wall time (s)"]
+              "downlink bytes", "epsilon (DP)", "wall time (s)"]
 
 
 def _fmt(value, spec: str) -> str:
@@ -341,7 +341,7 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
         rows.append([run.name, run.method, str(s.get("rounds", "-")), _fmt(s.get("mean_accuracy"), ".4f"),
                      _fmt(s.get("mean_personalized_accuracy"), ".4f"), _fmt(s.get("clustering_accuracy"), ".4f"),
                      _fmt(s.get("uplink_bytes"), ","), _fmt(s.get("downlink_bytes"), ","),
-                     _fmt(s.get("wall_seconds"), ".1f")])
+                     _fmt((s.get("privacy") or {}).get("epsilon"), ".3g"), _fmt(s.get("wall_seconds"), ".1f")])
     return rows
 
 

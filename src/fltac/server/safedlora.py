@@ -206,7 +206,7 @@ class SAFedLoRA(Strategy):
         # the index tensors are the mask the server sent (the same for every client): never averaged
         stripped = [Submission(s.client, s.key, _no_index(s.state), s.num_examples,
                                {k: s.start[k] for k in _no_index(s.state)}, s.extras) for s in subs]
-        assigned = self._merge(stripped, [0] * len(subs))
+        assigned = self._merge(round_, stripped, [0] * len(subs))
         if adapter_stage:
             index = {k: v for k, v in pack(self.adapter_, self.mask_).items() if k.endswith(f".{INDEX}")}
             merged = {k: v for k, v in self.slots_[0].items() if k not in (self.base_ or {})}

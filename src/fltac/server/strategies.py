@@ -13,6 +13,7 @@ import torch
 
 from fltac.config import RunConfig
 from fltac.methods import method_of, pooled_slots
+from fltac.privacy import CentralDP, noise_multiplier
 from fltac.server.aggregate import (clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection,
                                    spectral_labels)
 from fltac.server.optimizers import DEFAULTS as OPTIMIZER_DEFAULTS
@@ -47,6 +48,8 @@ class Strategy:
     server_optimizer: ServerOptimizer | None = None
     #: Tensors no client trains (FFA-LoRA's lora_A, ``lora.freeze_A``): every slot keeps the one it served.
     frozen: tuple[str, ...] = ()
+    #: Central DP (``privacy.mode: central``): replaces ``aggregation`` by DP-FedAvg's noised mean (fltac.privacy).
+    privacy: CentralDP | None = None
 
     def __init__(self, initial: State, n_slots: int):
         self.initial = initial
@@ -91,19 +94,21 @@ class Strategy:
         """The method's own merge of a round's (non-empty) submissions."""
         raise NotImplementedError
 
-    def _merge(self, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
+    def _merge(self, round_: int, subs: list[Submission], slot_of: list[int]) -> dict[tuple[int, str], int]:
         """Combine the members of each slot with ``self.aggregation`` (sample-weighted FedAvg by default; robust
-        rules, optionally after update-norm clipping: see :mod:`fltac.server.robust`), then, with a
+        rules, optionally after update-norm clipping: see :mod:`fltac.server.robust`; with central DP,
+        ``self.privacy``'s clipped, equal-weight, noised mean of the slot's clients), then, with a
         ``server_optimizer``, step the slot from the adapter it served towards that aggregate
         (:mod:`fltac.server.optimizers`); a slot that got no submission keeps its adapter and its memory.
         The ``frozen`` tensors are the slot's own, bit for bit (its members all hold them: a weighted mean of
         equal tensors could still move them by a rounding), so with FFA-LoRA's shared ``lora_A`` the merged
         ``lora_B`` gives the exact average of the members' products ``B A``."""
         slots = list(self.slots_)
+        private = self.privacy(round_, subs, slot_of, self.frozen) if self.privacy is not None else {}
         for s in sorted(set(slot_of)):
             members = [sub for sub, c in zip(subs, slot_of) if c == s]
-            slots[s] = self.aggregation([m.state for m in members], [m.start for m in members],
-                                        [m.num_examples for m in members])
+            slots[s] = private[s] if private else self.aggregation(
+                [m.state for m in members], [m.start for m in members], [m.num_examples for m in members])
             if self.server_optimizer is not None:
                 slots[s], self.memory_[s] = self.server_optimizer.step(self.slots_[s], slots[s], self.memory_[s])
             if self.frozen:
@@ -135,7 +140,7 @@ class FedAvg(Strategy):
         super().__init__(initial, 1)
 
     def _aggregate(self, round_, subs):
-        return self._merge(subs, [0] * len(subs))
+        return self._merge(round_, subs, [0] * len(subs))
 
 
 class Centralized(Strategy):
@@ -152,7 +157,7 @@ class Centralized(Strategy):
         unknown = sorted({s.key for s in subs} - set(self.slot_of))
         if unknown:
             raise AggregationError(f"adapter key(s) {unknown} have no slot (known: {sorted(self.slot_of)})")
-        return self._merge(subs, [self.slot_of[s.key] for s in subs])
+        return self._merge(round_, subs, [self.slot_of[s.key] for s in subs])
 
 
 #: Submissions flattened at a time when building K-means features.
@@ -274,7 +279,7 @@ class FLTAC(Strategy):
         else:
             slot_of_cluster = {c: i for i, c in enumerate(found)}
         self.fitted_ = True
-        return self._merge(subs, [int(slot_of_cluster[c]) for c in labels])
+        return self._merge(round_, subs, [int(slot_of_cluster[c]) for c in labels])
 
     def cluster_records(self, round_, assigned, jobs, task_names):
         """One line: each assigned (client, key) with its true task, cluster and sample count, and the
@@ -300,6 +305,8 @@ def make_strategy(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[
     rel, server = cfg.reliability, cfg.server
     strategy.frozen = tuple(frozen_keys(initial, cfg.lora.freeze_A))
     strategy.aggregation = Aggregation(rel.aggregation, rel.trim_fraction, rel.clip_norm, rel.krum_f, rel.multi_krum_m)
+    if cfg.privacy.mode == "central":
+        strategy.privacy = CentralDP(cfg.privacy.clip_norm, noise_multiplier(cfg), cfg.seed)
     if server.optimizer != "none":
         lr, tau = OPTIMIZER_DEFAULTS[server.optimizer]
         strategy.server_optimizer = ServerOptimizer(
