@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,13 +182,16 @@ def test_with_three_submissions_or_fewer_the_previous_k_stands():
 
 # ---- real runs ----------------------------------------------------------------------------------------------
 
-def text5_slice(out, **extra) -> dict:
-    """Three text5 tasks, 300 training rows each, 8 clients, 2 rounds of 6 local steps (the updates' task
-    direction is clearer after more steps), 32 tokens, 8 test texts: a short run of the packaged MiniLM."""
-    return {"method": "fltac", "model_name": "minilm", "seed": 42, "output_dir": str(out),
-            "data.scenario": "text5", "data.tasks": ["newsgroups", "rotten", "bbc"], "data.max_train_per_task": 300,
-            "data.max_length": 32, "partition.n_clients": 8, "train.rounds": 2, "train.local_steps": 6,
-            "eval.eval_size": 8, "server.n_clusters": "auto", "num_threads": 1, **extra}
+TEXT5_YAML = Path(__file__).resolve().parents[1] / "configs" / "text5.yaml"
+
+
+def text5_slice(out, **extra):
+    """configs/text5.yaml cut short: three tasks, 300 training rows each, 8 clients, 2 rounds of 6 local steps
+    (the updates' task direction is clearer after more steps than the default 3), 32 tokens, 8 test texts."""
+    return load_config(TEXT5_YAML, {"output_dir": str(out), "data.tasks": ["newsgroups", "rotten", "bbc"],
+                                    "data.max_train_per_task": 300, "data.max_length": 32, "partition.n_clients": 8,
+                                    "train.rounds": 2, "train.local_steps": 6, "eval.eval_size": 8,
+                                    "server.n_clusters": "auto", "num_threads": 1, **extra})
 
 
 def _records(out) -> list[dict]:
@@ -195,7 +199,7 @@ def _records(out) -> list[dict]:
 
 
 def test_a_short_real_run_recovers_the_three_tasks_every_round(tmp_path):
-    summary = run(load_config(None, text5_slice(tmp_path / "run")), quiet=True)
+    summary = run(text5_slice(tmp_path / "run"), quiet=True)
     records = _records(tmp_path / "run")
     assert [r["n_clusters"] for r in records] == [3, 3]
     assert all(r["clustering_accuracy"] >= 0.9 for r in records)
@@ -206,7 +210,7 @@ def test_a_short_real_run_recovers_the_three_tasks_every_round(tmp_path):
 
 
 def test_a_task_that_joins_in_round_two_gets_a_new_slot_in_a_real_run(tmp_path):
-    run(load_config(None, text5_slice(tmp_path / "late", **{"data.task_start_round": {"bbc": 2}})), quiet=True)
+    run(text5_slice(tmp_path / "late", **{"data.task_start_round": {"bbc": 2}}), quiet=True)
     first, second = _records(tmp_path / "late")
     assert {a["task"] for a in first["assignments"]} == {"newsgroups", "rotten"}
     assert (first["n_clusters"], first["n_slots"], second["n_clusters"], second["n_slots"]) == (2, 2, 3, 3)
