@@ -12,7 +12,9 @@ later round) is reported: wall time from the start of its training to its checkp
 (``round_seconds_product``: training, screening, aggregation, evaluation, writes) and where it went
 (``breakdown``: seconds per phase, ``other`` the rest). ``round_speedup_vs_reference_product`` = the reference
 approach's round / the product's round; the reference's round is its training only (no evaluation, no
-writes), so this ratio is a lower bound of the whole-round ratio.
+writes), so this ratio is a lower bound of the whole-round ratio. Beside them: the matmul peaks, the MFU of both
+rounds' training (``train_mfu_product``, ``reference_mfu``) and ``round_speedup_ceiling``, the ratio at 100% MFU
+(:func:`add_product_round`).
 
 Measures, in one process (memory in subprocesses): the CPU and the capability torch reports; fp32 and
 bf16 matmul peaks at the backbone's shapes; the dtype ``dtype: auto`` picks; training tokens/s and
@@ -189,9 +191,10 @@ def reference_round_seconds(exp_fp32, max_length: int) -> float:
 def reference_round(overrides: dict) -> float:
     """Seconds of :func:`reference_round_seconds` on its own fp32 text5 experiment (the pretrained backbone
     dropout, sdpa attention; batching per_adapter, which backbone dropout requires and which changes none of
-    the jobs the reference trains), to 0.1 s."""
+    the jobs the reference trains; peft's own LoRA dropout, ``lora.dropout_draw: bernoulli``), to 0.1 s."""
     ref_cfg = load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": "float32", "backbone_dropout": None,
-                                                         "attn_implementation": "sdpa", "train.batching": "per_adapter"})
+                                                         "attn_implementation": "sdpa", "train.batching": "per_adapter",
+                                                         "lora.dropout_draw": "bernoulli"})
     return round(reference_round_seconds(build_experiment(ref_cfg), ref_cfg.data.max_length), 1)
 
 
@@ -305,7 +308,7 @@ def main() -> None:
         note(f"{name} training throughput done")
     result["training"] = per_dtype
     result["adapters_per_round"] = len(exp.jobs)
-    chosen = "bfloat16" if "bfloat16" in result["dtype"].split(" ")[0] else "float32"
+    chosen = chosen_dtype(result)
     result["mfu"] = per_dtype[chosen]["routed_mfu"]
     if args.training_only:
         print(json.dumps(result))
@@ -334,9 +337,21 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def chosen_dtype(result: dict) -> str:
+    """'bfloat16' or 'float32': the backbone dtype of the run ``result`` describes (its ``dtype`` note)."""
+    return "bfloat16" if "bfloat16" in result["dtype"].split(" ")[0] else "float32"
+
+
 def add_product_round(result: dict, dtype: str, overrides: dict) -> None:
     """Add the product's round (:func:`product_round`), the reference approach's round unless ``result`` has it,
-    and their ratio to ``result``; print the breakdown on stderr."""
+    their ratio, the matmul peaks, the MFU of both rounds' training and the ratio's ceiling to ``result``; print
+    the breakdown on stderr.
+
+    ``train_mfu_product``: the product's training FLOPs (its real tokens x :func:`flops_per_token` at the mean
+    row length) / ``train_seconds`` / the fastest matmul peak; ``reference_mfu``: the reference's FLOPs (every
+    row padded to max length) / its seconds / the same peak. ``round_speedup_ceiling``: the ratio the product's
+    round would reach if its training ran at 100% of the peak of its own dtype and the round did nothing else
+    (no evaluation, no writes): reference seconds / (product training FLOPs / that peak)."""
     product = product_round(dtype)
     wall = product["round_seconds"]
     note("the product's round 2, phase by phase:\n" + breakdown_table(product["breakdown"], wall))
@@ -349,6 +364,22 @@ def add_product_round(result: dict, dtype: str, overrides: dict) -> None:
     result["train_tokens_product"] = product["train_tokens"]
     result["round_speedup_vs_reference_product"] = round(reference_seconds / wall, 2)
     result["breakdown"] = {k: round(v, 3) for k, v in product["breakdown"].items()}
+
+    exp = build_experiment(load_config(ROOT / "configs/text5.yaml", {**overrides, "dtype": "float32"}))
+    m = exp.cfg.train.batch_size * exp.cfg.data.max_length
+    peaks = {name: round(max(matmul_peak(dt, m, 384, 1536), matmul_peak(dt, m, 1536, 384), matmul_peak(dt, m, 384, 384)), 1)
+             for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    peak = max(peaks.values()) * 1e9
+    mean_len = float(np.mean(exp.train_store.lengths))
+    product_flops = product["train_tokens"] * flops_per_token(exp.model, round(mean_len))
+    rows = sum(j.steps for j in exp.jobs) * exp.cfg.train.batch_size
+    max_len = exp.cfg.data.max_length
+    reference_flops = rows * max_len * flops_per_token(exp.model, max_len)
+    result["matmul_peak_gflops"] = peaks
+    result["train_mfu_product"] = round(product_flops / product["train_seconds"] / peak, 4)
+    result["reference_mfu"] = round(reference_flops / reference_seconds / peak, 4)
+    own_peak = peaks[chosen_dtype(result)] * 1e9
+    result["round_speedup_ceiling"] = round(reference_seconds / (product_flops / own_peak), 2)
 
 
 if __name__ == "__main__":

@@ -272,3 +272,12 @@ def test_a_snapshot_from_before_spectral_clustering_reads_as_kmeans():
     assert from_dict(snapshot).server.clustering == "kmeans"
     snapshot["server"]["clustering"] = "spectral"
     assert from_dict(snapshot).server.clustering == "spectral"
+
+
+def test_a_snapshot_from_before_bit_dropout_reads_as_bernoulli():
+    """lora.dropout_draw came with default 'bits'; a run made before it drew torch's Bernoulli masks, and resuming
+    it must keep drawing so (a resume with other masks would not give the uninterrupted run's bytes)."""
+    snapshot = load_config(None, {}).to_dict()
+    assert snapshot["lora"]["dropout_draw"] == "bits"
+    del snapshot["lora"]["dropout_draw"]
+    assert from_dict(snapshot).lora.dropout_draw == "bernoulli"

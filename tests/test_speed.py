@@ -38,10 +38,21 @@ def _jobs(exp, steps: int) -> list[Job]:
     return picked
 
 
+@pytest.fixture(scope="module", params=["bits", "bernoulli"])
+def draw_experiment(request, tiny_bert, csv_scenario, tmp_path_factory):
+    """The experiment with LoRA-dropout masks drawn each way (``lora.dropout_draw``)."""
+    overrides = {**tiny_config_overrides(tiny_bert, tmp_path_factory.mktemp("speed")), "data.scenario": "custom",
+                 "data.custom_tasks": csv_scenario["tasks"], "train.batch_size": 5, "lora.dropout_draw": request.param}
+    return build_experiment(load_config(None, overrides))
+
+
 @pytest.mark.parametrize("pass_tokens", [10_000, 1])  # all jobs in one pass; one pass per job (bucketing)
-def test_jobs_trained_together_equal_jobs_trained_one_by_one(experiment, pass_tokens):
-    exp = experiment
+def test_jobs_trained_together_equal_jobs_trained_one_by_one(draw_experiment, pass_tokens):
+    exp = draw_experiment
     assert exp.model.peft_config.lora_dropout > 0  # the dropout draws must match too
+    drops = {type(d).__name__ for m in exp.model.model.modules() if hasattr(m, "lora_dropout")
+             for d in m.lora_dropout.values()}
+    assert drops == {"MaskDropout" if exp.cfg.lora.dropout_draw == "bits" else "Dropout"}
     start, alone, together = train_alone_and_together(exp, _jobs(exp, steps=3), 7, pass_tokens)
     assert_same_training(start, alone, together)
     # the model is the plain peft model again afterwards

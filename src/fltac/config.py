@@ -180,6 +180,13 @@ class LoraConfig:
         f"{m.name} {m.default_rank}" for m in METHODS.values() if m.default_rank is not None) + ").", None)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", 16.0)
     dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    dropout_draw: Literal["bits", "bernoulli"] = _help(
+        "How LoRA-dropout masks are drawn (fltac.models.dropout). bits: one 64-bit random word per four elements, "
+        "an element kept when its 15-bit lane is at least round(dropout x 2^15): a quarter of torch's random draws, "
+        "about 10% of a training step at the text5 default (docs/performance.md); bernoulli: peft's "
+        "torch.nn.Dropout, one Bernoulli draw per element (the reference code's; runs made before this key drew "
+        "so). Both keep an element with probability 1 - dropout (bits: to within 2^-16) and scale kept ones by "
+        "1 / (that probability); the two give different masks, so different (equally valid) numbers.", "bits")
     target_modules: list[str] = _help("Backbone module names that receive LoRA (peft's target_modules).",
                                       factory=lambda: ["query", "value"])
     freeze_A: bool = _help(
@@ -944,7 +951,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 #: Keys added with a default other than what runs made before them did: a snapshot that lacks one (a run's
 #: config.json from before the key existed) was made with this value, not with today's default.
-DEFAULT_BEFORE = {"server.clustering": "kmeans"}
+DEFAULT_BEFORE = {"server.clustering": "kmeans", "lora.dropout_draw": "bernoulli"}
 
 
 def from_dict(data: dict) -> RunConfig:

@@ -15,9 +15,11 @@ import warnings
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from fltac.config import LoraConfig
 from fltac.eval.phases import phase
+from fltac.models.dropout import MaskDropout
 from fltac.wire import frozen_keys, is_lora_key
 
 PEFT_PREFIX = "base_model.model."
@@ -57,6 +59,8 @@ class AdapterModel:
         except ValueError as exc:
             raise AdapterMismatch(f"config key 'lora.target_modules' {list(lora.target_modules)} does not fit this "
                                   f"backbone: {exc}") from None
+        if lora.dropout_draw == "bits":
+            use_bit_masks(self.model)
         self.device = device
         self.rank = rank
         self.peft_config = config
@@ -114,6 +118,16 @@ class AdapterModel:
         """float32 logits for a batch's ``model_inputs()`` (token ids and mask, or pixel values)."""
         out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         return out.logits.float()
+
+
+def use_bit_masks(model: torch.nn.Module) -> None:
+    """Replace peft's ``torch.nn.Dropout`` on every LoRA input by :class:`~fltac.models.dropout.MaskDropout`
+    (same ``p``; ``lora.dropout_draw: bits``)."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, drop in module.lora_dropout.items():
+                if isinstance(drop, torch.nn.Dropout):
+                    module.lora_dropout[name] = MaskDropout(drop.p)
 
 
 def check_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -36,6 +36,7 @@ from peft.utils.other import ModulesToSaveWrapper
 
 from fltac.eval.phases import phase
 from fltac.models.adapters import AdapterModel, canonical_key
+from fltac.models.dropout import MaskDropout, keep_mask, keep_scale
 
 
 @dataclass
@@ -101,29 +102,36 @@ class AdapterBank:
         self.index = torch.cat([torch.full((g.end - g.start,), g.adapter, dtype=torch.long) for g in groups]
                                ).to(self.model.device)
 
-    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+    def _dropout(self, x: torch.Tensor, drop: torch.nn.Module) -> torch.Tensor:
         """LoRA-input dropout, each block's mask drawn from its own generator at its lone-run shape
-        ``[rows, width, d]``: torch's Bernoulli pattern depends on the generator, the shape and ``p`` only
-        (not on the dtype or the slice being strided), so a bool mask reproduces ``F.dropout``'s draw at a
-        quarter of the memory; kept entries are scaled by ``1/(1-p)`` computed in x's dtype, as there.
-        Padding past a block's width is kept (never attended)."""
-        if p == 0.0:
+        ``[rows, width, d]``, as the layer's own dropout module ``drop`` draws it in a lone run: torch's
+        Bernoulli pattern (``torch.nn.Dropout``) and :func:`~fltac.models.dropout.keep_mask` (``MaskDropout``)
+        depend on the generator, the shape and ``p`` only (not on the dtype or the slice being strided), so a
+        bool mask reproduces the lone draw; kept entries are scaled as there, in x's dtype. Padding past a
+        block's width is kept (never attended). No dropout in eval mode or with p = 0."""
+        bits = isinstance(drop, MaskDropout)
+        p = float(drop.p) if bits or isinstance(drop, torch.nn.Dropout) else 0.0
+        if p == 0.0 or not drop.training:
             return x
         keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
         padded = x.dim() == 3 and x.shape[1] == self.widest  # a token axis cut to the widest group's width
         for b in self.blocks:
             rows = keep[b.start:b.end, :b.width] if padded else keep[b.start:b.end]  # images, pooled: whole
-            rows.bernoulli_(1 - p, generator=self.generators[b.stream])
-        return x * keep * (torch.ones((), dtype=x.dtype) / (1 - p))
+            if bits:
+                rows.copy_(keep_mask(tuple(rows.shape), p, self.generators[b.stream]))
+            else:
+                rows.bernoulli_(1 - p, generator=self.generators[b.stream])
+        scale = torch.tensor(keep_scale(p), dtype=x.dtype) if bits else torch.ones((), dtype=x.dtype) / (1 - p)
+        return x * keep * scale
 
     def _lora_forward(self, layer: LoraLinear, key: str):
         a_key, b_key = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
-        p = float(layer.lora_dropout["default"].p) if isinstance(layer.lora_dropout["default"], torch.nn.Dropout) else 0.0
+        drop = layer.lora_dropout["default"]
         scaling = layer.scaling["default"]
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
-            h = self._dropout(x, p)  # in the backbone's dtype: see "Precision" in the module docstring
+            h = self._dropout(x, drop)  # in the backbone's dtype: see "Precision" in the module docstring
             a = self.params[a_key].index_select(0, self.index).to(h.dtype)  # [n, r, d_in]
             b = (self.params[b_key].index_select(0, self.index) * scaling).to(h.dtype)  # [n, d_out, r]
             flat = h.reshape(h.shape[0], -1, h.shape[-1])

@@ -259,8 +259,8 @@ class FLTAC(Strategy):
             bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().tolist()
             if bad:
                 who = ", ".join(f"client {chunk[j].client} {chunk[j].key}" for j in bad[:4])
-                raise AggregationError(f"non-finite adapter values from {who}: K-means cannot place them; turn "
-                                       f"reliability.validate on to drop such submissions before aggregation")
+                raise AggregationError(f"non-finite adapter values from {who}: the clustering cannot place them; "
+                                       f"turn reliability.validate on to drop such submissions before aggregation")
             if self.normalize:
                 x /= x.norm(dim=1, keepdim=True).clamp_min(1e-12)
             if self.kmeans_dims is not None and x.shape[1] > self.kmeans_dims:
