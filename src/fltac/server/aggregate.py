@@ -115,6 +115,7 @@ def laplacian_spectrum(features: np.ndarray, n_neighbors: int) -> np.ndarray:
 def eigengap_k(features: np.ndarray, max_k: int, n_neighbors: int | None = None) -> tuple[int, list[float]]:
     """(K, the gaps ``lambda_(k+1) - lambda_k`` for k = 1 .. max_k): the number of clusters whose eigengap in
     :func:`laplacian_spectrum` is largest (von Luxburg 2007, section 8.3), K = 1 .. ``min(max_k, n - 1)``.
+    ``n_neighbors`` (``server.spectral_neighbors``) is capped at ``n - 1``.
 
     K = 1 is decided like any other K: when the first gap is the largest, the graph is one piece no cut
     separates better than it holds together. ``n_neighbors``: null = :func:`auto_neighbors`."""
@@ -122,7 +123,7 @@ def eigengap_k(features: np.ndarray, max_k: int, n_neighbors: int | None = None)
     max_k = min(max_k, n - 1)
     if max_k < 1:
         return 1, []
-    spectrum = laplacian_spectrum(features, n_neighbors or auto_neighbors(n))
+    spectrum = laplacian_spectrum(features, min(n - 1, n_neighbors) if n_neighbors else auto_neighbors(n))
     gaps = np.diff(spectrum[: max_k + 1])
     return int(np.argmax(gaps)) + 1, [float(g) for g in gaps]
 
