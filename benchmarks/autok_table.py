@@ -65,7 +65,7 @@ def runs_table(root: Path) -> str:
         if match and (path / "summary.json").exists():
             found[(match["set"], int(match["seed"]))][match["mode"]] = run_figures(path)
     lines = ["| set | tasks | seed | K chosen per round (slots at the end) | clustering accuracy per round, auto / "
-             "K given | mean accuracy, auto / K given |", "|---|---|---|---|---|---|"]
+             "K given | mean accuracy, auto / K given | wall s, auto / K given |", "|---|---|---|---|---|---|---|"]
     per_set: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (name, seed), modes in sorted(found.items()):
         if set(modes) != {"auto", "given"}:
@@ -74,7 +74,7 @@ def runs_table(root: Path) -> str:
         fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         lines.append(f"| {name} | {auto['tasks']} | {seed} | {' '.join(map(str, auto['k']))} ({auto['slots']}) | "
                      f"{fmt(auto['clustering'])} / {fmt(given['clustering'])} | "
-                     f"{auto['accuracy']:.3f} / {given['accuracy']:.3f} |")
+                     f"{auto['accuracy']:.3f} / {given['accuracy']:.3f} | {auto['wall']:.0f} / {given['wall']:.0f} |")
         per_set[name].append((auto["accuracy"], given["accuracy"]))
     lines += ["", "| set | seeds | mean accuracy auto (mean ± sd) | K given (mean ± sd) |", "|---|---|---|---|"]
     for name, pairs in per_set.items():
