@@ -398,3 +398,20 @@ def test_each_node_builds_exactly_its_share_of_the_inprocess_data(tiny_bert, csv
         for a, b in zip(mine, side.jobs):
             assert (exp.train_store.ids[a.rows] == side.train_store.ids[b.rows]).all()
             assert (exp.train_store.labels[a.rows] == side.train_store.labels[b.rows]).all()
+
+
+def test_auto_k_with_a_late_task_runs_the_same_through_flower(tiny_bert, csv_scenario, tmp_path, task_identity):
+    """``server.n_clusters: auto`` grows the slots and ``data.task_start_round`` withholds a task's jobs on the
+    server side only: through Flower messages (the real ClientApp, no Ray) the run gives the in-process run's
+    cluster records (K chosen, slots) and adapters, byte for byte."""
+    from fltac.engines.flower import FlowerEngine
+
+    extra = {"train.rounds": 3, "server.n_clusters": "auto", "data.task_start_round": {"topics": 2}}
+    run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "inprocess", **extra)), quiet=True)
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    FlowerEngine(cfg, ScriptedGrid(2, {}), quiet=True).run()
+    records = [(tmp_path / d / "cluster_assignments.jsonl").read_text() for d in ("inprocess", "flower")]
+    assert records[0] == records[1]
+    assert all("n_clusters" in json.loads(line) for line in records[0].splitlines())
+    assert {a["task"] for a in json.loads(records[0].splitlines()[0])["assignments"]} == {"reviews"}
+    _same_adapter_files(tmp_path / "inprocess", tmp_path / "flower")

@@ -88,7 +88,7 @@ def test_projection_shows_what_the_server_clustered(tiny_runs):
     strategy = make_fltac(from_dict(run.config), {}, len(run.tasks), [])
     for r in (1, 2):
         feats, tasks, clusters = kmeans_features(run, r)
-        again = strategy.labels(feats, r)
+        again = strategy.labels(feats, r, strategy.n_slots)
         assert adjusted_rand_score(clusters, again) == 1.0
         assert np.allclose(np.linalg.norm(feats, axis=1), 1.0)  # the run normalised them
 

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -106,7 +106,8 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora), 'glue' (the paper's "
+    scenario: str = _help("Task collection to load: 'text5' (offline, packaged corpora), 'text7' (text5 and two "
+                          "more packaged corpora: debates, friends), 'glue' (the paper's "
                           "GLUE tasks, from the hub or data.source), 'vision_offline' (MNIST + digits on a ViT "
                           "pretrained on Fashion-MNIST), 'cifar' (CIFAR-10/100, from the hub or data.source) or "
                           "'custom' (the tasks listed in data.custom_tasks).", "text5")
@@ -126,6 +127,12 @@ class DataConfig:
         "Folder for derived files: hub images decoded once (vision/*.npz), the pretrained offline ViT "
         "(vit-fashion-mnist/) and the packaged GGUF causal LM dequantised once to safetensors (smollm2-*/); "
         "null = ~/.cache/fltac.", None)
+    task_start_round: dict[str, int] = _help(
+        "Tasks that appear only from some round on, {task name: first round} (e.g. {rotten: 3}): before that "
+        "round no client trains the task (its jobs are withheld, its rows stay with the clients the partition "
+        "gave them) and its evaluation records hold null; from it on, its clients train it as any other task. A "
+        "task not named starts in round 1. For the methods with one adapter per task (fltac, centralized).",
+        factory=dict)
     token_cache: bool = _help(
         "Keep tokenised texts in data.cache_dir/tokens/, keyed by a hash of the texts, the tokenizer and "
         "max_length (any change gives a new entry), so a second run over the same data skips tokenisation.", True)
@@ -144,6 +151,8 @@ class DataConfig:
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must lie in (0, 1)")
         _check(self.max_train_per_task is None or self.max_train_per_task > 0, "data.max_train_per_task", "must be positive")
         _check(self.tasks is None or len(self.tasks) > 0, "data.tasks", "must name at least one task, or be null")
+        bad = sorted(name for name, r in self.task_start_round.items() if r < 1)
+        _check(not bad, "data.task_start_round", f"must give each task a first round of at least 1 (not for {bad})")
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,23 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    n_clusters: Optional[int] = _help("K for FL-TAC's K-means; null = the number of tasks.", None)
+    n_clusters: Optional[Union[int, Literal["auto"]]] = _help(
+        "K, the number of clusters FL-TAC forms: a number; null = the number of tasks (the engine tells the "
+        "server); 'auto' = chosen every round from the submissions alone, never from the task count "
+        "(server.k_selection, at most server.max_clusters; see FLTAC.choose_k in fltac.server.strategies and "
+        "docs/fltac.md, "
+        "'Unknown number of tasks'). With auto the slots grow when a round finds a cluster that matches none of "
+        "them (a new task), and a slot no cluster matches is kept, unchanged, for the jobs still assigned to it.",
+        None)
+    max_clusters: int = _help(
+        "n_clusters: auto only: the largest K considered (also at most the round's submissions minus one). K = 1 "
+        "is a candidate with k_selection: eigengap (the graph is one piece), never with silhouette.", 10)
+    k_selection: Literal["eigengap", "silhouette"] = _help(
+        "n_clusters: auto only: how K is chosen. 'eigengap' (default): the K with the largest gap between the "
+        "K-th and (K+1)-th smallest eigenvalues of the normalised Laplacian of the submissions' k-nearest-neighbour "
+        "graph (von Luxburg 2007, section 8.3; neighbours: spectral_neighbors, or ceil(ln n) + 1 for n "
+        "submissions), K = 1 .. max_clusters. 'silhouette': the K = 2 .. max_clusters whose clustering (by "
+        "server.clustering) has the largest mean silhouette (cosine on the normalised features).", "eigengap")
     cluster_features: Literal["lora_B", "lora", "lora_and_head"] = _help(
         "What the clustering sees. 'lora_B' (default): the LoRA up-projections B only. B starts at zero, so A's "
         "gradient is zero at the first step and W = BA changes to first order by dB A: A's early moves are "
@@ -301,7 +326,11 @@ class ServerConfig:
             _check(0.0 <= getattr(self, name) < 1.0, f"server.{name}", "must lie in [0, 1)")
         _check(self.server_tau is None or self.server_tau > 0, "server.server_tau", "must be positive or null")
         _check(self.kmeans_dims is None or self.kmeans_dims >= 1, "server.kmeans_dims", "must be at least 1 or null")
-        _check(self.n_clusters is None or self.n_clusters >= 1, "server.n_clusters", "must be at least 1")
+        _check(self.n_clusters in (None, "auto") or self.n_clusters >= 1, "server.n_clusters",
+               "must be at least 1, auto or null")
+        _check(self.max_clusters >= 1, "server.max_clusters", "must be at least 1")
+        _check(self.k_selection != "silhouette" or self.max_clusters >= 2, "server.max_clusters",
+               "must be at least 2 with server.k_selection: silhouette (it compares K = 2 .. max_clusters)")
         _check(self.kmeans_n_init >= 1, "server.kmeans_n_init", "must be at least 1")
         _check(self.spectral_neighbors is None or self.spectral_neighbors >= 2, "server.spectral_neighbors",
                "must be at least 2 or null")
@@ -622,6 +651,14 @@ class RunConfig:
         _check(not self.lora.freeze_A or not (record.trains_backbone or record.client_hooks), "lora.freeze_A",
                f"must be false with method {self.method}: its clients train their own layout (client hooks or a "
                f"staged model); FFA-LoRA applies to the methods training plain LoRA without client hooks")
+        late = {name: r for name, r in self.data.task_start_round.items() if r > self.train.rounds}
+        _check(not late, "data.task_start_round", f"names task(s) {late} that would start after the last round "
+               f"(train.rounds = {self.train.rounds})")
+        _check(not self.data.task_start_round or record.layout != "shared", "data.task_start_round",
+               f"needs a method with one adapter per task (fltac, centralized): method {self.method} trains one "
+               f"adapter over all of a client's tasks")
+        _check(self.server.n_clusters != "auto" or self.method == "fltac", "server.n_clusters",
+               f"auto is read by method fltac only (method {self.method} does not cluster)")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.privacy.mode != "none":
@@ -715,6 +752,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if optional:
         return None if value is None else _coerce(value, inner, key)
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. int or 'auto': the first alternative that takes it
+        for alternative in typing.get_args(tp):
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        names = " or ".join(repr(a) if not isinstance(a, type) else a.__name__
+                            for t in typing.get_args(tp) for a in (typing.get_args(t) or (t,)))
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, f"{key} (a key)"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -792,7 +843,7 @@ def _optional_inner(tp: Any) -> tuple[Any, bool]:
     """(``tp`` without ``Optional``, whether it was optional)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
+        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), len(args) < len(typing.get_args(tp))
     return tp, False
 
 
@@ -907,7 +958,9 @@ def key_doc(dotted: str) -> KeyDoc:
     else:
         default = None if fld.default is dataclasses.MISSING else fld.default
     origin = typing.get_origin(inner)
-    type_name = "str" if origin is Literal else "list" if origin is list else getattr(inner, "__name__", str(inner))
+    type_name = ("str" if origin is Literal else "list" if origin is list else "dict" if origin is dict
+                 else "|".join("str" if typing.get_origin(a) is Literal else a.__name__ for a in typing.get_args(inner))
+                 if origin is typing.Union else getattr(inner, "__name__", str(inner)))
     return KeyDoc(dotted, fld.metadata.get("help", ""), default, choices, type_name)
 
 

@@ -63,6 +63,14 @@ class Experiment:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def task_started(self, t: int, round_: int) -> bool:
+        """Whether task ``t`` is trained in ``round_`` (``data.task_start_round``; unnamed tasks from round 1)."""
+        return self.cfg.data.task_start_round.get(self.tasks[t].name, 1) <= round_
+
+    def active_jobs(self, round_: int) -> list[Job]:
+        """The jobs of ``round_``: those whose tasks have all started (every job, without late tasks)."""
+        return [j for j in self.jobs if all(self.task_started(t, round_) for t in j.tasks)]
+
 
 def build_model(cfg: RunConfig, space: LabelSpace):
     """(model, initial state, tokenizer, dtype note, attention kernel, threads): the backbone with its adapter,

@@ -110,8 +110,8 @@ def serving_slots(run_dir: Path, cfg: RunConfig, task_names: list[str], round_: 
         slot_of = pooled_slots(len(task_names))
         return {name: slot_of[job_key(i)] for i, name in enumerate(task_names)}
     evals = [m for m in io.read_jsonl(run_dir / "metrics.jsonl") if m.get("phase") == "eval" and m["round"] == round_]
-    if evals:
-        return {m["task"]: int(m["slot"]) for m in evals}
+    if evals:  # a task that had not started by then (data.task_start_round) has no slot, and is left out
+        return {m["task"]: int(m["slot"]) for m in evals if m["slot"] is not None}
     return slots_from_assignments(run_dir, task_names, round_)
 
 
@@ -233,6 +233,8 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     groups = {method.name: tasks} if method.export == "one" else {t["name"]: [t] for t in tasks}
     written = {}
     for folder_name, members in groups.items():
+        if members[0]["name"] not in served:  # not started by ``round_``: no adapter serves it yet
+            continue
         slot = served[members[0]["name"]]
         labels = {"backbone": base, "num_labels": n_outputs, "max_length": cfg.data.max_length,
                   "method": cfg.method, "run": str(run_dir.resolve()), "round": round_, "slot": slot,

@@ -7,11 +7,11 @@ import numpy as np
 from fltac.config import ConfigError, DataConfig
 from fltac.data.tasks import LabelSpace, Task
 from fltac.data.chat import CHAT_OFFLINE, GenerationTask
-from fltac.data.text5 import TEXT5
+from fltac.data.text5 import TEXT5, TEXT7
 from fltac.data.vision import VISION_OFFLINE
 
 #: Scenario name -> {task name -> loader(test_fraction, split_seed)}, in the scenario's stable task order.
-SCENARIOS = {"text5": TEXT5, "vision_offline": VISION_OFFLINE, "chat_offline": CHAT_OFFLINE}
+SCENARIOS = {"text5": TEXT5, "text7": TEXT7, "vision_offline": VISION_OFFLINE, "chat_offline": CHAT_OFFLINE}
 #: What a scenario's rows are, where not text: "image" rows go to an image-classification backbone
 #: through fltac.data.vision.ImageStore; "causal_lm" (prompt, response) pairs to a causal LM through
 #: fltac.data.chat.LMStore; every other scenario (text5, glue, custom) is "text".
@@ -51,6 +51,10 @@ def load_tasks(cfg: DataConfig) -> list[Task]:
     if unknown:
         raise ConfigError(f"config key 'data.tasks': unknown task(s) {unknown} in scenario '{cfg.scenario}' "
                           f"(known: {list(loaders)})")
+    late = sorted(set(cfg.task_start_round) - set(names))
+    if late:
+        raise ConfigError(f"config key 'data.task_start_round' names task(s) {late} that the run does not have "
+                          f"(its tasks: {names})")
     tasks = [loaders[n](cfg.test_fraction, cfg.split_seed) for n in names]
     if cfg.max_train_per_task:
         tasks = [cap_train(t, cfg.max_train_per_task, cfg.split_seed) for t in tasks]

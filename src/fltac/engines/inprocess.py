@@ -351,7 +351,8 @@ class InProcessEngine:
                     "wall_seconds": 0.0, "train_tokens": 0, "last_eval": None, "dropped": 0, "norm_reference": None}
         start_round = 1
         if ckpt is not None:
-            problem = slots_problem(ckpt["tensors"], spec_of(exp.strategy.initial), exp.strategy.n_slots)
+            problem = slots_problem(ckpt["tensors"], spec_of(exp.strategy.initial),
+                                    exp.strategy.checkpoint_slots(ckpt["strategy"]))
             if problem:
                 raise io.AdapterFileError(f"{self.out / CHECKPOINT / ckpt['tensors_file']}: {problem}")
             exp.strategy.load_state_dict(ckpt["tensors"], ckpt["strategy"])
@@ -419,8 +420,9 @@ class InProcessEngine:
 
     def run_round(self, exp: Experiment, r: int) -> tuple[list[dict], list[dict], dict]:
         cfg = self.cfg
-        clients = sample_clients(cfg, r, sorted({j.client for j in exp.jobs}))
-        jobs = [j for j in exp.jobs if j.client in set(clients)]
+        active = exp.active_jobs(r)  # data.task_start_round: a task's jobs join from its first round on
+        clients = sample_clients(cfg, r, sorted({j.client for j in active}))
+        jobs = [j for j in active if j.client in set(clients)]
         metrics = []
         t_train = time.perf_counter()
         starts = {(j.client, j.key): exp.strategy.assignment_.get((j.client, j.key)) for j in jobs}
@@ -523,8 +525,9 @@ class InProcessEngine:
         the test sample) where the run scores accuracy; nothing for a causal LM."""
         return {"majority_accuracy": exp.evaluator.majority_accuracy(task)} if exp.evaluator.metric == "accuracy" else {}
 
-    def served_slots(self, exp: Experiment) -> list[int]:
-        """Per task, the slot holding most of its assigned training samples (the adapter that serves it)."""
+    def served_slots(self, exp: Experiment, r: int) -> list[int | None]:
+        """Per task, the slot holding most of its assigned training samples (the adapter that serves it) after
+        round ``r``; None for a task that has not started by then (``data.task_start_round``)."""
         n_tasks = len(exp.tasks)
         weight = np.zeros((n_tasks, exp.strategy.n_slots))
         for job in exp.jobs:
@@ -532,7 +535,7 @@ class InProcessEngine:
             if slot is not None:
                 for t in job.tasks:
                     weight[t, slot] += np.sum(exp.train_store.task[job.rows] == t)
-        return [int(np.argmax(weight[t])) for t in range(n_tasks)]
+        return [int(np.argmax(weight[t])) if exp.task_started(t, r) else None for t in range(n_tasks)]
 
     def evaluate(self, exp: Experiment, r: int) -> list[dict]:
         """Per task: the serving global adapter's accuracy, and the personalised accuracy (each client's own
@@ -541,8 +544,8 @@ class InProcessEngine:
         round, the judge score of the serving adapter's generated answers (:meth:`judge`)."""
         metric = exp.evaluator.metric
         cache: dict[tuple[int, int], float] = {}
-        served = self.served_slots(exp)
-        needed = {(s, t) for t, s in enumerate(served)} | {
+        served = self.served_slots(exp, r)
+        needed = {(s, t) for t, s in enumerate(served) if s is not None} | {
             (exp.strategy.assignment_[(j.client, j.key)], t) for j in exp.jobs
             if (j.client, j.key) in exp.strategy.assignment_ for t in j.tasks}
         bar = self.progress(f"round {r}: evaluated (adapter, task) pairs", len(needed))
@@ -562,7 +565,8 @@ class InProcessEngine:
                     n = float(np.sum(exp.train_store.task[job.rows] == t))
                     num, den = num + n * acc(slot, t), den + n
             records.append({"phase": "eval", "round": r, "task": name, "slot": served[t],
-                            metric: acc(served[t], t), f"personalized_{metric}": num / den if den else None})
+                            metric: None if served[t] is None else acc(served[t], t),
+                            f"personalized_{metric}": num / den if den else None})
         bar.close()
         if r == self.cfg.train.rounds and metric == "lm_loss" and self.cfg.eval.judge_samples:
             self.judge(exp, r, served, records)
@@ -605,10 +609,12 @@ class InProcessEngine:
                  f"up {info['uplink_bytes'] / 1e6:.2f} MB"]
         if clusters:
             parts.append(f"clustering acc {clusters[0]['clustering_accuracy']:.3f}")
+            if "n_clusters" in clusters[0]:
+                parts.append(f"K {clusters[0]['n_clusters']} ({clusters[0]['n_slots']} slots)")
         if info.get("dropped"):
             parts.append(f"{info['dropped']} adapter(s) dropped")
-        if evals and evals[0]["round"] == r and "accuracy" in evals[0]:
-            parts.append(f"mean acc {np.mean([e['accuracy'] for e in evals]):.4f}")
+        if evals and evals[0]["round"] == r and "accuracy" in evals[0]:  # tasks not started yet: not in the mean
+            parts.append(f"mean acc {np.mean([e['accuracy'] for e in evals if e['accuracy'] is not None]):.4f}")
         elif evals and evals[0]["round"] == r:  # causal LM
             parts.append(f"mean lm loss {np.mean([e['lm_loss'] for e in evals]):.4f}")
             if "judge_score" in evals[0]:

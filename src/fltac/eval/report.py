@@ -64,7 +64,8 @@ class Run:
         return list(self.summary.get("tasks") or dict.fromkeys(m["task"] for m in self.evals()))
 
     def evals(self) -> list[dict]:
-        return [m for m in self.metrics if m.get("phase") == "eval"]
+        """The evaluation records with a score (a task that had not started yet, data.task_start_round, has none)."""
+        return [m for m in self.metrics if m.get("phase") == "eval" and m.get(self.metric) is not None]
 
     def rounds(self) -> list[dict]:
         return [m for m in self.metrics if m.get("phase") == "round"]

@@ -32,6 +32,8 @@ def scalars(records: Iterable[dict]) -> list[tuple[str, float, int]]:
         phase, r = rec.get("phase"), rec.get("round")
         if phase == "eval":
             metric = "accuracy" if "accuracy" in rec else "lm_loss"  # a causal-LM run records its LM loss
+            if rec[metric] is None:  # a task that has not started yet (data.task_start_round)
+                continue
             out.append((f"{metric}/{rec['task']}", float(rec[metric]), r))
             if rec.get(f"personalized_{metric}") is not None:
                 out.append((f"personalized_{metric}/{rec['task']}", float(rec[f"personalized_{metric}"]), r))

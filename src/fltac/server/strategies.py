@@ -14,8 +14,8 @@ import torch
 from fltac.config import RunConfig
 from fltac.methods import method_of, pooled_slots
 from fltac.privacy import CentralDP, noise_multiplier
-from fltac.server.aggregate import (clustering_scores, flatten, kmeans_labels, match_to_previous, random_projection,
-                                   spectral_labels)
+from fltac.server.aggregate import (clustering_scores, eigengap_k, flatten, kmeans_labels, match_to_previous,
+                                   random_projection, silhouette_k, spectral_labels)
 from fltac.server.optimizers import DEFAULTS as OPTIMIZER_DEFAULTS
 from fltac.server.optimizers import ServerOptimizer
 from fltac.server.robust import Aggregation, Spec, spec_of
@@ -77,6 +77,11 @@ class Strategy:
         clusters. ``jobs`` (each with ``client``, ``key``, ``tasks``, ``num_examples``) and ``task_names`` are
         the engine's ground truth, for measurement only: ``aggregate`` never saw them."""
         return []
+
+    def checkpoint_slots(self, meta: dict) -> int:
+        """How many slots a checkpoint of this strategy holds, given its ``state_dict`` JSON: ``n_slots``, unless
+        the strategy's slots grow during a run (FL-TAC with an automatic K)."""
+        return self.n_slots
 
     def expected_spec(self, client: int, key: str, sent: Broadcast) -> Spec:
         """The layout ``{tensor: (shape, dtype)}`` a submission for (client, key) must have: by default
@@ -171,8 +176,10 @@ class FLTAC(Strategy):
     ----------
     initial : State
         The adapter every job starts from before it has a cluster.
-    n_clusters : int
-        K, by default the number of tasks. The server is never told any task.
+    n_clusters : int or None
+        K, by default the number of tasks. The server is never told any task. None (``server.n_clusters:
+        auto``): K is chosen every round from the round's features alone (:meth:`choose_k`), and the
+        strategy starts with no slot; it is never told how many tasks there are.
     feature_keys : list[str]
         Tensors K-means sees: the LoRA matrices only by default (``server.cluster_features: lora``),
         since which head rows moved would give the task away; the head is averaged all the same.
@@ -191,10 +198,19 @@ class FLTAC(Strategy):
         before K-means (Johnson-Lindenstrauss: distances kept within a small factor), so thousands of
         adapters cluster in seconds; None (default) = K-means on the full vectors, as the paper does.
 
+    max_clusters, k_selection
+        ``n_clusters`` None only: the largest K considered and how K is chosen ('eigengap' on the
+        neighbour graph, or 'silhouette' of the clusterings; :func:`eigengap_k`, :func:`silhouette_k`).
+
     Cluster ids are matched to the previous round's slots (Hungarian between the clusters' mean
     submitted weights and the slots' weights, see
     :func:`match_to_previous`), so a task keeps its slot. If fewer than K clusters form (fewer
     submissions than K), or a slot is matched by no cluster, that slot keeps its previous adapter.
+    With an automatic K, a round may find more clusters than there are slots (a task appeared): the
+    clusters the matching leaves out, the ones farthest from every slot, get new slots, numbered on
+    from the last, which start from the initial adapter (the server optimizer steps from it); a round
+    that finds fewer keeps the slots no cluster matched, unchanged, for the jobs still assigned to them,
+    and a later round may match them again. Slot ids therefore never change meaning.
     Each (client, key) starts the next round from the slot its submission was assigned; a job that
     missed a round keeps its last assignment, and one never seen starts from the initial adapter.
 
@@ -209,10 +225,15 @@ class FLTAC(Strategy):
 
     name = "fltac"
 
-    def __init__(self, initial: State, n_clusters: int, feature_keys: list[str], cluster_on: str, seed: int,
+    def __init__(self, initial: State, n_clusters: int | None, feature_keys: list[str], cluster_on: str, seed: int,
                  n_init: int = 10, normalize: bool = True, kmeans_dims: int | None = None,
-                 clustering: str = "kmeans", n_neighbors: int | None = None):
-        super().__init__(initial, n_clusters)
+                 clustering: str = "kmeans", n_neighbors: int | None = None, max_clusters: int = 10,
+                 k_selection: str = "eigengap"):
+        super().__init__(initial, n_clusters or 0)
+        self.auto = n_clusters is None
+        self.max_clusters = max_clusters
+        self.k_selection = k_selection
+        self.k_history_: list[list] = []  # auto: [round, K chosen, its criterion's scores] per round
         self.clustering = clustering
         self.n_neighbors = n_neighbors
         self.kmeans_dims = kmeans_dims
@@ -263,23 +284,53 @@ class FLTAC(Strategy):
             sums = onehot @ x if sums is None else sums + onehot @ x
         return sums / torch.from_numpy(np.bincount(cluster, minlength=k)).float()[:, None]
 
-    def labels(self, features: np.ndarray, round_: int) -> np.ndarray:
-        """The cluster id of each feature row, by ``self.clustering``, seeded by ``seed + round_``."""
+    def labels(self, features: np.ndarray, round_: int, k: int) -> np.ndarray:
+        """The cluster id of each feature row in ``k`` clusters, by ``self.clustering``, seeded by ``seed + round_``."""
         if self.clustering == "spectral":
-            return spectral_labels(features, self.n_slots, self.seed + round_, self.n_init, self.n_neighbors)
-        return kmeans_labels(features, self.n_slots, self.seed + round_, self.n_init)
+            return spectral_labels(features, k, self.seed + round_, self.n_init, self.n_neighbors)
+        return kmeans_labels(features, k, self.seed + round_, self.n_init)
+
+    def choose_k(self, features: np.ndarray, round_: int) -> tuple[int, list[float]]:
+        """(K, the criterion's score per candidate K) for this round's features: ``self.k_selection`` over
+        K = 1 (eigengap) or 2 (silhouette) .. ``max_clusters``. With at most three submissions there is no
+        graph worth reading: the previous round's K (all of them, each its own cluster, in a first round),
+        at most the submissions' count."""
+        n = len(features)
+        if n <= 3:
+            previous = self.k_history_[-1][1] if self.k_history_ else n
+            return min(previous, n), []
+        if self.k_selection == "silhouette":
+            return silhouette_k(features, self.max_clusters, lambda k: self.labels(features, round_, k))
+        return eigengap_k(features, self.max_clusters, self.n_neighbors)
+
+    def add_slot(self) -> int:
+        """A new slot holding the initial adapter (and no server-optimizer memory); its id."""
+        self.slots_.append(self.initial)
+        self.memory_.append({})
+        self.n_slots += 1
+        return self.n_slots - 1
 
     def _aggregate(self, round_, subs):
-        labels = self.labels(self.features(subs), round_)
+        features = self.features(subs)
+        k = self.n_slots
+        if self.auto:
+            k, scores = self.choose_k(features, round_)
+            self.k_history_.append([round_, k, scores])
+        labels = self.labels(features, round_, k)
         found = np.unique(labels)
         if self.fitted_:
             centers = self.cluster_means(subs, np.searchsorted(found, labels), len(found))
             previous = torch.stack([flatten(s, self.feature_keys) for s in self.slots_])
-            slot_of_cluster = dict(zip(found, match_to_previous(centers.double().numpy(), previous.double().numpy())))
+            matched = match_to_previous(centers.double().numpy(), previous.double().numpy())
         else:
-            slot_of_cluster = {c: i for i, c in enumerate(found)}
+            matched = np.arange(len(found)) if self.n_slots >= len(found) else np.full(len(found), -1)
+        slot_of_cluster = {c: int(s) if s >= 0 else self.add_slot() for c, s in zip(found, matched)}
         self.fitted_ = True
-        return self._merge(round_, subs, [int(slot_of_cluster[c]) for c in labels])
+        return self._merge(round_, subs, [slot_of_cluster[c] for c in labels])
+
+    def round_metrics(self):
+        """With an automatic K: the round's K (``n_clusters``) and the slots held so far (``n_slots``)."""
+        return {"n_clusters": self.k_history_[-1][1], "n_slots": self.n_slots} if self.auto else {}
 
     def cluster_records(self, round_, assigned, jobs, task_names):
         """One line: each assigned (client, key) with its true task, cluster and sample count, and the
@@ -288,13 +339,23 @@ class FLTAC(Strategy):
         rows = [{"client": j.client, "key": j.key, "task": task_names[j.tasks[0]],
                  "cluster": assigned[(j.client, j.key)], "n": j.num_examples} for j in done]
         scores = clustering_scores([j.tasks[0] for j in done], [row["cluster"] for row in rows])
-        return [{"round": round_, "assignments": rows, **scores}]
+        chosen = {}
+        if self.auto:  # the K chosen, its criterion's score per candidate (eigengap: K = 1, 2, ...; silhouette: 2, ...)
+            _, k, k_scores = self.k_history_[-1]
+            chosen = {"n_clusters": k, "k_selection": self.k_selection, "k_scores": k_scores, "n_slots": self.n_slots}
+        return [{"round": round_, "assignments": rows, **scores, **chosen}]
 
     def state_dict(self):
         tensors, meta = super().state_dict()
-        return tensors, {**meta, "fitted": self.fitted_}
+        return tensors, {**meta, "fitted": self.fitted_, "n_slots": self.n_slots, "k_history": self.k_history_}
+
+    def checkpoint_slots(self, meta: dict) -> int:
+        return int(meta["n_slots"]) if self.auto else self.n_slots
 
     def load_state_dict(self, tensors, meta):
+        if self.auto:  # the slots grew with the tasks found: as many as the checkpoint holds
+            self.n_slots = int(meta["n_slots"])
+            self.k_history_ = [list(h) for h in meta["k_history"]]
         super().load_state_dict(tensors, meta)
         self.fitted_ = bool(meta["fitted"])
 
@@ -327,6 +388,8 @@ def make_fltac(cfg: RunConfig, initial: State, n_tasks: int, lora_keys: list[str
     keys = {"lora": lora_keys, "lora_B": [k for k in lora_keys if ".lora_B." in k],
             "lora_and_head": list(initial)}[cfg.server.cluster_features]
     keys = [k for k in keys if k not in frozen_keys(keys, cfg.lora.freeze_A)]  # FFA-LoRA: A is everyone's
-    return FLTAC(initial, cfg.server.n_clusters or n_tasks, keys, cfg.server.cluster_on, cfg.seed,
-                 cfg.server.kmeans_n_init, cfg.server.cluster_normalize, cfg.server.kmeans_dims,
-                 cfg.server.clustering, cfg.server.spectral_neighbors)
+    server = cfg.server
+    k = None if server.n_clusters == "auto" else server.n_clusters or n_tasks  # auto: the task count is not read
+    return FLTAC(initial, k, keys, server.cluster_on, cfg.seed, server.kmeans_n_init, server.cluster_normalize,
+                 server.kmeans_dims, server.clustering, server.spectral_neighbors, server.max_clusters,
+                 server.k_selection)
