@@ -32,10 +32,6 @@ import torch
 from fltac.server.hafl import HAFL, Part, client_ranks, truncate
 from fltac.wire import A_SUFFIX, B_SUFFIX, State
 
-#: Singular values at most ``NULL_TOL x max(shape) x eps x s_max`` count as zero (numpy's matrix_rank rule).
-NULL_TOL = 1.0
-
-
 def stack_factors(parts: list[Part], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``(B_s, A_s)`` of one module with ``B_s A_s = sum_k p_k B_k A_k``, ``p_k = w_k / sum w``."""
     total = float(sum(weights))
@@ -49,7 +45,7 @@ def stack_factors(parts: list[Part], weights: list[float]) -> tuple[torch.Tensor
 def svd_factors(b: torch.Tensor, a: torch.Tensor, r: int, split: str = "us") -> tuple[torch.Tensor, torch.Tensor,
                                                                                           torch.Tensor]:
     """``(B_r [d_out, r], A_r [r, d_in], s)``: the best rank-r approximation ``B_r A_r`` of ``b @ a`` (float64)
-    and all singular values ``s`` of ``b @ a`` (descending). Components past the rank of ``b @ a`` are zero.
+    and all singular values ``s`` of ``b @ a`` (descending). Components past ``len(s)`` (the inner size) are zero.
 
     ``b = Q_b R_b``, ``a^T = Q_a R_a``, ``R_b R_a^T = u diag(s) vh``: then ``b a = (Q_b u) diag(s) (Q_a vh^T)^T``.
     """
@@ -74,8 +70,9 @@ def svd_factors(b: torch.Tensor, a: torch.Tensor, r: int, split: str = "us") -> 
 
 
 def null_components(s: torch.Tensor, r: int, shape: tuple[int, int]) -> list[int]:
-    """Indices ``< r`` of the components :func:`svd_factors` returns as zero (past the numerical rank)."""
-    tol = NULL_TOL * max(shape) * torch.finfo(torch.float64).eps * (float(s[0]) if len(s) else 0.0)
+    """Indices ``< r`` of the components past the numerical rank of the product of singular values ``s`` and
+    ``shape``: ``s_i <= max(shape) x eps x s_0`` (numpy's matrix_rank rule), or all of them when ``s_0`` is 0."""
+    tol = max(shape) * torch.finfo(torch.float64).eps * (float(s[0]) if len(s) else 0.0)
     rank = int((s > tol).sum()) if len(s) and float(s[0]) > 0 else 0
     return list(range(min(rank, r), r))
 
@@ -129,6 +126,7 @@ class FlexLoRA(HAFL):
             b, a, s = svd_factors(*stack_factors([up[m] for up in uploads], weights), self.rank, self.split)
             null = null_components(s, self.rank, (b.shape[0], a.shape[1]))
             if null:
+                b[:, null] = 0
                 a[null] = fresh_rows(len(null), a.shape[1], self.seed, round_, i).double()
             worst = max(worst, discarded_fraction(s, self.rank))
             out[m + A_SUFFIX] = a.to(current[m + A_SUFFIX].dtype)
