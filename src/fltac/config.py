@@ -461,7 +461,6 @@ class HaflConfig:
     weighting: Literal["samples", "samples_x_score"] = _help(
         "Weights of adaptive aggregation: n_k, or n_k x the client's score of that component (reconstructed "
         "option; adaptive aggregation only).", "samples")
-
     svd_split: Literal["us", "sqrt"] = _help(
         "FlexLoRA and FLoRA: how the truncated SVD U_r S_r V_r^T of an aggregated product is split into LoRA "
         "factors: us = B = U_r S_r, A = V_r^T (our reading of FlexLoRA's released code); sqrt = B = U_r S_r^(1/2), "
@@ -635,7 +634,7 @@ class RunConfig:
                   f"<= R - {room}" if room else "; every r_k must be <= R"))
         _check(self.reliability.aggregation == "fedavg" and self.reliability.clip_norm is None,
                "reliability.aggregation", f"must be fedavg (and reliability.clip_norm null) with method {self.method}: "
-               f"its rank-1 aggregation (hafl.aggregation) has no robust variant yet")
+               f"its own aggregation rule (rank-1 components or products) has no robust variant yet")
 
     @property
     def rank(self) -> int:
