@@ -54,7 +54,7 @@ def test_run_help_lists_the_choices_of_every_option_that_has_them():
     for flag in with_choices:
         shown = ["null" if c is None else c for c in key_doc(FLAG_KEYS[flag]).choices]
         assert f"--{flag} {{{','.join(shown)}}}" in text
-    assert "--method {fltac,fedit,centralized,hafl,hetlora,safedlora,fedavg_full}" in text
+    assert "--method {fltac,fedit,centralized,hafl,hetlora,flexlora,flora,safedlora,fedavg_full}" in text
     assert "--hafl_mode {truncate,freeze,null}" in text
     for action in run._actions:  # options with argparse choices of their own (--engine, --log)
         if action.choices:

@@ -38,12 +38,20 @@ MODULES = ("enc.0.q", "enc.0.v")
 OVERRIDES = {
     "hafl": {"hafl.client_ranks": [2, 4, 3, 1]},
     "hetlora": {"hafl.client_ranks": [2, 4, 3, 1]},
+    "flexlora": {"hafl.client_ranks": [2, 4, 3, 1]},
+    "flora": {"lora.rank": RANK, "hafl.client_ranks": [2, 3, 1, 2]},
     "safedlora": {"train.rounds": 5, "safedlora.init_rounds": 1, "safedlora.rank_init": RANK,
                   "safedlora.target_rank": 2, "safedlora.warm_rounds": 2, "safedlora.cool_rounds": 1},
 }
 #: HetLoRA zero-pads: a component only some clients trained is shrunk by their share of the weight, by design
 #: (tests/test_hafl.py checks that), so its identity check gives every client the full rank R.
-IDENTITY_OVERRIDES = {"hetlora": {"hafl.client_ranks": [RANK] * N_CLIENTS}}
+IDENTITY_OVERRIDES = {"hetlora": {"hafl.client_ranks": [RANK] * N_CLIENTS},
+                      "flexlora": {"hafl.client_ranks": [RANK] * N_CLIENTS}}
+#: Methods that merge the products B A, not the factors. FlexLoRA re-splits the mean product by SVD: identical
+#: submissions come back as their product. FLoRA adds the product to a frozen residual and sends fresh components
+#: every round, so nothing comes back as sent (tests/test_hetero_aggregation.py checks its residual by hand).
+PRODUCT_IDENTITY = {"flexlora"}
+NO_IDENTITY = {"flora"}
 #: Rounds each check runs: the first, and one more (for safedlora: its first annealing round).
 ROUNDS = (1, 2)
 
@@ -154,10 +162,19 @@ ALL = pytest.mark.parametrize("method", list(METHODS))
 
 @ALL
 def test_identical_submissions_aggregate_to_themselves(method):
+    if method in NO_IDENTITY:
+        pytest.skip(f"{method} serves fresh components each round")
     strategy = new_strategy(method, IDENTITY_OVERRIDES.get(method))
     for r in ROUNDS:
         subs = run_round(strategy, method, r, identical=True)
         now = served(strategy, method, r)
+        if method in PRODUCT_IDENTITY:
+            for s in subs:
+                got = now[(s.client, s.key)]
+                for m in MODULES:
+                    torch.testing.assert_close(got[f"{m}.lora_B.weight"] @ got[f"{m}.lora_A.weight"],
+                                               s.state[f"{m}.lora_B.weight"] @ s.state[f"{m}.lora_A.weight"])
+            continue
         for s in subs:
             assert_states_close(now[(s.client, s.key)], s.state, keys=s.state)
 
@@ -232,7 +249,8 @@ def test_the_registry_says_whether_broadcasts_carry_hook_settings(method):
 
 
 def test_the_battery_covers_every_registered_method():
-    assert set(METHODS) == {"fltac", "fedit", "centralized", "hafl", "hetlora", "safedlora", "fedavg_full"}
+    assert set(METHODS) == {"fltac", "fedit", "centralized", "hafl", "hetlora", "flexlora", "flora", "safedlora",
+                            "fedavg_full"}
     assert all(jobs_of(m) for m in METHODS)
 
 

@@ -288,7 +288,8 @@ def test_too_few_clients_stops_the_flower_run(tiny_bert, csv_scenario, tmp_path,
         FlowerEngine(cfg, ScriptedGrid(2, {(1, 0): "error"}), quiet=True).run()
 
 
-@pytest.mark.parametrize("method", ["fltac", "fedit", "hafl", "hetlora", "safedlora", "fedavg_full"])
+@pytest.mark.parametrize("method", ["fltac", "fedit", "hafl", "hetlora", "flexlora", "flora", "safedlora",
+                                    "fedavg_full"])
 def test_every_method_gives_the_inprocess_result_through_flower_messages(method, tiny_bert, csv_scenario, tmp_path,
                                                                          task_identity):
     """Each method's broadcasts and submissions survive the Message layout: same adapters, same accuracies."""

@@ -499,7 +499,8 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class HaflConfig:
-    """HAFL / HetLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank), see docs/hafl.md.
+    """HAFL / HetLoRA / FlexLoRA / FLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank),
+    see docs/hafl.md.
 
     Su, Yan, Deng, arXiv 2411.06581 v1. Options the paper does not settle are marked reconstructed.
     """
@@ -507,11 +508,12 @@ class HaflConfig:
     mode: Optional[Literal["truncate", "freeze"]] = _help(
         "truncate: client k is sent its top-r_k components by global score and trains a rank-r_k adapter. freeze: "
         "client k is sent the full rank-R adapter and updates only its locally top-r_k components. null = the "
-        "method's own (hafl: truncate; hetlora: truncate, the only one it allows).", None)
+        "method's own (hafl: truncate; hetlora, flexlora: truncate, flora: freeze, the only one each allows).", None)
     aggregation: Optional[Literal["adaptive", "zero_pad"]] = _help(
         "adaptive: each rank-1 component averaged over only the clients that updated it (kept if none did). "
         "zero_pad: HetLoRA's average over all clients with zeros for components a client did not update. "
-        "null = the method's own (hafl: adaptive; hetlora: zero_pad, the only one it allows).", None)
+        "null = the method's own (hafl: adaptive; hetlora: zero_pad only; flexlora, flora: their own product rules, "
+        "leave it null).", None)
     client_ranks: Optional[list[int]] = _help(
         "Explicit rank r_k of each client (length partition.n_clients, each <= R); null = rank_distribution.", None)
     rank_distribution: str = _help(
@@ -526,6 +528,10 @@ class HaflConfig:
     weighting: Literal["samples", "samples_x_score"] = _help(
         "Weights of adaptive aggregation: n_k, or n_k x the client's score of that component (reconstructed "
         "option; adaptive aggregation only).", "samples")
+    svd_split: Literal["us", "sqrt"] = _help(
+        "FlexLoRA and FLoRA: how the truncated SVD U_r S_r V_r^T of an aggregated product is split into LoRA "
+        "factors: us = B = U_r S_r, A = V_r^T (our reading of FlexLoRA's released code); sqrt = B = U_r S_r^(1/2), "
+        "A = S_r^(1/2) V_r^T.", "us")
 
     def __post_init__(self):
         _check(0.0 < self.beta < 1.0, "hafl.beta", "must lie in (0, 1)")
@@ -550,9 +556,11 @@ class HaflConfig:
         return [int(v) for v in rng.choice(values, size=n_clients)]
 
     def resolved(self, method: str) -> tuple[str, str]:
-        """(mode, aggregation) for ``method``: hetlora is truncate + zero_pad, hafl defaults to truncate + adaptive."""
-        if method == "hetlora":
-            return "truncate", "zero_pad"
+        """(mode, aggregation) for ``method``: the rule its registry record fixes (hetlora: truncate + zero_pad),
+        else this section's, truncate + adaptive by default."""
+        fixed = METHODS[method].hafl_rule
+        if fixed is not None:
+            return fixed
         return self.mode or "truncate", self.aggregation or "adaptive"
 
 
@@ -663,7 +671,7 @@ class RunConfig:
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.privacy.mode != "none":
             self._check_privacy()
-        if self.method in ("hafl", "hetlora"):
+        if record.client_ranks:
             self._check_hafl()
         if METHODS[self.method].trains_backbone:
             self._check_safedlora()
@@ -697,20 +705,27 @@ class RunConfig:
 
     def _check_hafl(self) -> None:
         h, n = self.hafl, self.partition.n_clients
-        if self.method == "hetlora":
-            _check(h.mode in (None, "truncate"), "hafl.mode", "must be truncate or null with method hetlora "
-                   "(HetLoRA truncates; use method hafl for freeze)")
-            _check(h.aggregation in (None, "zero_pad"), "hafl.aggregation", "must be zero_pad or null with method "
-                   "hetlora (HetLoRA zero-pads; use method hafl for adaptive)")
+        record = METHODS[self.method]
+        if record.hafl_rule is not None:
+            mode, aggregation = record.hafl_rule
+            _check(h.mode in (None, mode), "hafl.mode", f"must be {mode} or null with method {self.method} "
+                   f"(its own rule; method hafl chooses freely)")
+            _check(h.aggregation in (None, aggregation), "hafl.aggregation", f"must be null with method "
+                   f"{self.method} (it aggregates by {aggregation}; method hafl chooses freely)")
+        _check(h.weighting == "samples" or h.resolved(self.method)[1] == "adaptive", "hafl.weighting",
+               f"must be samples with method {self.method} (samples_x_score weights adaptive aggregation only)")
         _check(h.client_ranks is None or len(h.client_ranks) == n, "hafl.client_ranks",
                f"must give one rank per client: {len(h.client_ranks or [])} values for partition.n_clients = {n}")
         key = "hafl.client_ranks" if h.client_ranks is not None else "hafl.rank_distribution"
-        too_big = sorted({r for r in h.ranks(n, self.seed) if r > self.rank})
+        room = record.rank_headroom
+        too_big = sorted({r for r in h.ranks(n, self.seed) if r > self.rank - room})
         _check(not too_big, key, f"has client rank(s) {too_big} larger than the server rank R = {self.rank} "
-               f"(lora.rank{'' if self.lora.rank is not None else ', the method default'}); every r_k must be <= R")
+               f"(lora.rank{'' if self.lora.rank is not None else ', the method default'})"
+               + (f" less {room} (method {self.method} keeps a residual beside the largest r_k); every r_k must be "
+                  f"<= R - {room}" if room else "; every r_k must be <= R"))
         _check(self.reliability.aggregation == "fedavg" and self.reliability.clip_norm is None,
                "reliability.aggregation", f"must be fedavg (and reliability.clip_norm null) with method {self.method}: "
-               f"its rank-1 aggregation (hafl.aggregation) has no robust variant yet")
+               f"its own aggregation rule (rank-1 components or products) has no robust variant yet")
 
     @property
     def rank(self) -> int:

@@ -39,6 +39,9 @@ class Method:
     server_optimizer: bool = True   # slots merged per slot (Strategy._merge), so server.optimizer applies
     proximal: bool = True           # train.prox_mu applies: its clients train tensors the broadcast holds as sent
     private: bool = False           # privacy.mode applies: whole plain-LoRA uploads, merged per slot (fltac.privacy)
+    client_ranks: bool = False      # clients train at their own ranks r_k <= R (section hafl)
+    hafl_rule: tuple[str, str] | None = None  # (hafl.mode, aggregation) the method fixes; None: section hafl's
+    rank_headroom: int = 0          # components of R kept beside the largest r_k (FLoRA's residual)
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``
 
@@ -64,10 +67,17 @@ _RECORDS = (
            engine_note="pools all data in one process"),
     Method("hafl", "one adapter per client at its own rank r_k <= R, importance-based truncation or freezing, "
            "rank-1 aggregation (section hafl).", "shared", "fltac.server.hafl:make_hafl", default_rank=8,
-           client_hooks=True, server_optimizer=False),
+           client_hooks=True, server_optimizer=False, client_ranks=True),
     Method("hetlora", "the baseline, first r_k components + zero-padded averaging.", "shared",
            "fltac.server.hafl:make_hetlora", default_rank=8, client_hooks=True,
-           server_optimizer=False),
+           server_optimizer=False, client_ranks=True, hafl_rule=("truncate", "zero_pad")),
+    Method("flexlora", "FlexLoRA, the mean of the products B_k A_k, sent back to client k as its rank-r_k "
+           "truncated SVD (section hafl).", "shared", "fltac.server.hetero:make_flexlora", default_rank=8,
+           client_hooks=True, server_optimizer=False, client_ranks=True, hafl_rule=("truncate", "svd")),
+    Method("flora", "FLoRA, stacked (exact) aggregation of the products into a frozen residual; each client "
+           "trains a fresh rank-r_k LoRA on it every round (section hafl).", "shared",
+           "fltac.server.hetero:make_flora", default_rank=16, client_hooks=True, server_optimizer=False,
+           client_ranks=True, hafl_rule=("freeze", "stack"), rank_headroom=1),
     Method("safedlora", "SA-FedLoRA, an initiating stage then an annealed SVD adapter (section safedlora).",
            "shared", "fltac.server.safedlora:make_safedlora", default_rank=None, trains_backbone=True,
            client_hooks=True, export=None, server_optimizer=False, proximal=False),

@@ -225,11 +225,14 @@ class HAFL(Strategy):
             source = self.client_score_[client]
         return {m: top_components(source[m], r) for m in self.modules}
 
+    def sent_state(self, round_: int, client: int, key: str, comps: dict[str, list[int]]) -> State:
+        """The adapter ``client`` is sent: the global one, cut to its components ``comps`` when truncating."""
+        state = self.start_state(client, key)
+        return truncate(state, comps) if self.mode == "truncate" else state
+
     def configure(self, round_: int, client: int, key: str) -> Broadcast:
         comps = self.components(client)
-        state = self.start_state(client, key)
-        if self.mode == "truncate":
-            state = truncate(state, comps)
+        state = self.sent_state(round_, client, key, comps)
         config = {HOOK_TRAIN_ONLY: comps}
         if self.uses_scores:
             config[HOOK_IMPORTANCE] = {"beta": self.beta, "uncertainty": self.uncertainty,
@@ -258,7 +261,7 @@ class HAFL(Strategy):
         if self.weighting == "samples_x_score":
             comp_w = [{m: w * (sc[m][up[m][0]] if len(sc[m]) == self.rank else sc[m]) for m in self.modules}
                       for w, sc, up in zip(weights, scores, uploads)]
-        new = aggregate_components(current, uploads, weights, self.aggregation_rule, comp_w)
+        new = self.merge_lora(round_, current, uploads, weights, comp_w)
         other = [k for k in current if not k.endswith((A_SUFFIX, B_SUFFIX))]
         if other:
             new.update(weighted_mean([{k: s.state[k] for k in other} for s in subs], weights))
@@ -275,6 +278,11 @@ class HAFL(Strategy):
         assigned = {(s.client, s.key): 0 for s in subs}
         self.assignment_.update(assigned)
         return assigned
+
+    def merge_lora(self, round_: int, current: State, uploads: list[dict[str, Part]], weights: list[float],
+                   component_weights: list[dict[str, torch.Tensor]] | None) -> State:
+        """``current`` with every module's A and B merged from the round's uploads (:func:`aggregate_components`)."""
+        return aggregate_components(current, uploads, weights, self.aggregation_rule, component_weights)
 
     def _scores_of(self, sub: Submission, upload: dict[str, Part]) -> dict[str, torch.Tensor]:
         """The submission's component scores per module: length R (all measured) or r_k (its components)."""
@@ -310,10 +318,15 @@ def make_hetlora(cfg, initial: State, n_tasks: int = 0, lora_keys: list[str] | N
     return _heterogeneous(cfg, initial, "first")
 
 
+def client_ranks(cfg) -> dict[int, int]:
+    """r_k of every client of a validated RunConfig (section hafl)."""
+    return dict(enumerate(cfg.hafl.ranks(cfg.partition.n_clients, cfg.seed)))
+
+
 def _heterogeneous(cfg, initial: State, selection: str) -> HAFL:
     h = cfg.hafl
     mode, aggregation = h.resolved(cfg.method)
-    ranks = dict(enumerate(h.ranks(cfg.partition.n_clients, cfg.seed)))
+    ranks = client_ranks(cfg)
     strategy = HAFL(initial, ranks, mode, aggregation, selection, h.beta, h.uncertainty, h.score_reduce, h.weighting)
     strategy.name = cfg.method
     return strategy
