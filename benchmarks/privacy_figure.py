@@ -74,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{spread([r['accuracy'] for r in runs])} | "
               f"{spread([r['clustering'] for r in runs if r['clustering'] is not None])} |")
     if args.png:
-        import matplotlib
+        from fltac.eval.report import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, (ax_acc, ax_clu) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
         targets = sorted({t for (_, mode, t) in table if mode != "none"})
@@ -102,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_ylabel(what)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.png)
+        save_figure(fig, args.png)
         print(f"saved {args.png}")
     return 0
 

@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {method} | {rnd} | " + " | ".join(per) + f" | {acc:.3f} | {acc - ref_acc:+.3f} | "
               f"{up / 1e6:.2f} MB | {100 * up / ref_up:.2f}% ({100 * (1 - up / ref_up):.1f}% fewer) |")
     if args.png:
-        import matplotlib
+        from fltac.eval.report import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
         for run, points in curves.items():
@@ -68,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("mean test accuracy")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.png)
+        save_figure(fig, args.png)
         print(f"saved {args.png}")
     return 0
 

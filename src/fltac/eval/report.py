@@ -201,7 +201,8 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- plots -----------------------------------------------------------------------------------------
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (PNG files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,14 +211,16 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (PNG; its folder made if missing) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI, pil_kwargs={"optimize": True})
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1.0, 3.6), sharey=True, squeeze=False)
     majority_shown = False
     for ax, run in zip(axes[0], runs):
@@ -242,7 +245,7 @@ def plot_accuracy_per_round(runs: list[Run], path: Path) -> None:
         handles.append(Line2D([], [], color="grey", ls=":", lw=1.2))
         names.append("majority class\n(task's colour)")
     axes[0][-1].legend(handles, names, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _mean_curve(curves: dict[str, tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
@@ -255,7 +258,7 @@ def _mean_curve(curves: dict[str, tuple[list[int], list[float]]]) -> tuple[list[
 
 
 def plot_accuracy_vs_uplink(runs: list[Run], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     for run in runs:
         x, y = accuracy_vs_uplink(run)
@@ -265,11 +268,11 @@ def plot_accuracy_vs_uplink(runs: list[Run], path: Path) -> None:
     ax.set_title("accuracy for the bytes clients sent", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_clustering(runs: list[Run], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
     for run in runs:
         ax.plot(*clustering_by_round(run), marker="o", ms=4, label=run.name)
@@ -279,12 +282,12 @@ def plot_clustering(runs: list[Run], path: Path) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(run: Run, path: Path) -> int:
     tasks, clusters, counts, round_ = confusion(run)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(clusters) + 1.2, 0.9 + 0.45 * len(tasks)))
     ax.imshow(counts, cmap="Blues", aspect="auto")
     for i in range(len(tasks)):
@@ -295,12 +298,12 @@ def plot_confusion(run: Run, path: Path) -> int:
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xlabel("cluster (slot)")
     ax.set_title(f"{run.name}: round {round_} submissions", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
     return round_
 
 
 def plot_projection(run: Run, rounds: list[int], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rounds), figsize=(4.4 * len(rounds) + 1.4, 3.8), squeeze=False)
     colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(run.tasks)}
     seen_clusters: set[int] = set()
@@ -322,7 +325,7 @@ def plot_projection(run: Run, rounds: list[int], path: Path) -> None:
     handles += [Line2D([], [], ls="", marker=MARKERS[c % len(MARKERS)], color="grey", label=f"cluster {c}")
                 for c in sorted(seen_clusters)]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---- the document ----------------------------------------------------------------------------------
