@@ -665,7 +665,7 @@ class RunConfig:
         _check(not self.data.task_start_round or record.layout != "shared", "data.task_start_round",
                f"needs a method with one adapter per task (fltac, centralized): method {self.method} trains one "
                f"adapter over all of a client's tasks")
-        _check(self.server.n_clusters != "auto" or self.method == "fltac", "server.n_clusters",
+        _check(self.server.n_clusters != "auto" or record.clusters, "server.n_clusters",
                f"auto is read by method fltac only (method {self.method} does not cluster)")
         _check(all(c < self.partition.n_clients for c in self.reliability.attacker_clients),
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")

@@ -42,6 +42,7 @@ class Method:
     client_ranks: bool = False      # clients train at their own ranks r_k <= R (section hafl)
     hafl_rule: tuple[str, str] | None = None  # (hafl.mode, aggregation) the method fixes; None: section hafl's
     rank_headroom: int = 0          # components of R kept beside the largest r_k (FLoRA's residual)
+    clusters: bool = False          # the server clusters the submissions (server.n_clusters: auto applies)
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``
 
@@ -59,7 +60,7 @@ class Method:
 
 _RECORDS = (
     Method("fltac", "one adapter per (client, task), K-means + FedAvg per cluster.", "per_task",
-           "fltac.server.strategies:make_fltac", default_rank=4, private=True),
+           "fltac.server.strategies:make_fltac", default_rank=4, private=True, clusters=True),
     Method("fedit", "one shared adapter per client, FedAvg.", "shared",
            "fltac.server.strategies:make_fedavg", default_rank=16, export="one", private=True),
     Method("centralized", "pooled data, one adapter per task (upper bound).", "pooled",
