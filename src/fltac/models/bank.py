@@ -36,7 +36,7 @@ from peft.utils.other import ModulesToSaveWrapper
 
 from fltac.eval.phases import phase
 from fltac.models.adapters import AdapterModel, canonical_key
-from fltac.models.dropout import MaskDropout, keep_mask, keep_scale
+from fltac.models.dropout import MaskDropout, apply_mask, keep_mask
 
 
 @dataclass
@@ -121,8 +121,7 @@ class AdapterBank:
                 rows.copy_(keep_mask(tuple(rows.shape), p, self.generators[b.stream]))
             else:
                 rows.bernoulli_(1 - p, generator=self.generators[b.stream])
-        scale = torch.tensor(keep_scale(p), dtype=x.dtype) if bits else torch.ones((), dtype=x.dtype) / (1 - p)
-        return x * keep * scale
+        return apply_mask(x, keep, p) if bits else x * keep * (torch.ones((), dtype=x.dtype) / (1 - p))
 
     def _lora_forward(self, layer: LoraLinear, key: str):
         a_key, b_key = f"{key}.lora_A.weight", f"{key}.lora_B.weight"

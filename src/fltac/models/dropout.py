@@ -43,6 +43,12 @@ def keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | Non
     return lanes.ge(keep_cut(p)).view(shape)
 
 
+def apply_mask(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``x`` with the entries ``keep`` drops zeroed and the kept ones scaled by :func:`keep_scale`, in x's dtype:
+    the one expression a lone :class:`MaskDropout` and the shared-pass bank both compute, so their bytes agree."""
+    return x * keep * torch.tensor(keep_scale(p), dtype=x.dtype, device=x.device)
+
+
 class MaskDropout(torch.nn.Module):
     """Drop-in for ``torch.nn.Dropout(p)`` on a LoRA input, with masks from :func:`keep_mask` (global generator)."""
 
@@ -53,8 +59,7 @@ class MaskDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = keep_mask(tuple(x.shape), self.p).to(x.device)
-        return x * keep * torch.tensor(keep_scale(self.p), dtype=x.dtype, device=x.device)
+        return apply_mask(x, keep_mask(tuple(x.shape), self.p).to(x.device), self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, draws=bits"
