@@ -218,7 +218,8 @@ def test_local_deployment_runs_two_fltac_rounds(tiny_bert, csv_scenario, tmp_pat
 
 class ScriptedGrid:
     """A Grid that delivers each message to the real ClientApp in this process, except where ``fail`` says:
-    ``{(round, client): 'error' | 'silent'}`` (an error reply from the SuperLink, or no reply at all)."""
+    ``{(round, client): 'error' | 'silent'}`` (an error reply from the SuperLink, or no reply at all). In a SecAgg+
+    round the failure hits the stage that trains (collect masked vectors), after the keys were shared."""
 
     def __init__(self, n: int, fail: dict):
         from flwr.app import Context, RecordDict
@@ -241,14 +242,25 @@ class ScriptedGrid:
             m.metadata.__dict__["_message_id"] = f"msg{self.sent}"  # the SuperLink sets it on push
             ctx = self.nodes[m.metadata.dst_node_id]
             what = None
-            if m.metadata.message_type == "train":
+            secagg = m.content.config_records.get("secaggplus_configs")
+            if m.metadata.message_type == "train" and secagg is None:
                 r = int(m.content.config_records["config"]["round"])
                 what = self.fail.get((r, int(ctx.node_config["partition-id"])))
+            elif m.metadata.message_type == "train" and secagg.get("stage") == "collect_masked_vectors":
+                what = self.fail.get((int(m.metadata.group_id), int(ctx.node_config["partition-id"])))
             if what == "silent":
                 continue
             replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=m) if what == "error"
-                           else client_app(m, ctx))
+                           else client_app(m if secagg is None else over_the_wire(m), ctx))
         return replies
+
+
+def over_the_wire(message):
+    """The message as a node receives it: through Flower's protobuf codec, so the node gets its own copy (SecAgg+
+    sends one content object to every node, and secaggplus_mod edits what it receives in place)."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(message))
 
 
 @pytest.fixture

@@ -498,6 +498,50 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ (Bell et al., CCS 2020) for the methods that merge one sample-weighted mean of all clients
+    (FedIT): the server learns only that mean, never one client's adapter (docs/algorithms.md#secure-aggregation,
+    :mod:`fltac.engines.flower_secagg`). A Flower engine feature. The knobs are ``SecAggPlusWorkflow``'s, with its
+    names and defaults (num_shares and reconstruction_threshold: Flower's secure-aggregation example).
+    """
+
+    enabled: bool = _help("Run every round's fit through Flower's SecAggPlusWorkflow (server) and secaggplus_mod "
+                          "(clients): each client uploads its quantised, masked adapter; the server unmasks only the "
+                          "sum. Flower engine only (--engine flower-sim or a deployment); methods whose registry "
+                          "record allows it (fedit).", False)
+    num_shares: Union[int, float] = _help(
+        "Shares each client's secrets are split into, one per neighbour (itself included): an int > 2, or a float in "
+        "(0, 1]: that fraction of the round's sampled clients. More shares tolerate more dropouts, at more cost.", 3)
+    reconstruction_threshold: Union[int, float] = _help(
+        "Shares needed to rebuild a client's secret (to unmask a dropped client's pairwise masks, or its own mask): "
+        "an int below num_shares, or a float in (0, 1]: that fraction of num_shares. Higher: better privacy "
+        "against colluding clients, less tolerance of dropouts.", 2)
+    max_weight: float = _help(
+        "The largest client weight (its num_examples) the protocol expects: each client scales its adapter by "
+        "num_examples / max_weight before quantising, so the sum is sample-weighted. Must be at least every "
+        "client's num_examples (checked before round 1); a larger value costs precision.", 1000.0)
+    clipping_range: float = _help(
+        "c: every weighted entry (num_examples / max_weight x value) is clipped to [-c, c] before quantising "
+        "(the client refuses an adapter with an entry beyond it rather than send a clipped one).", 8.0)
+    quantization_range: int = _help(
+        "Q: entries are quantised (stochastic rounding) to integers in [0, Q - 1], a step of 2c / Q. The unmasked "
+        "mean is off by at most n x (2c / Q) x max_weight / (sum of num_examples) per entry for n clients "
+        "(fltac.engines.flower_secagg.mean_error_bound). Must be below 2^32 / n.", 4194304)
+
+    def __post_init__(self):
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        _check(shares > 2 if isinstance(shares, int) else 0 < shares <= 1, "secure_aggregation.num_shares",
+               f"must be an int > 2 or a float in (0, 1], got {shares!r}")
+        _check((isinstance(threshold, int) and threshold >= 2 and (not isinstance(shares, int) or threshold < shares))
+               or (isinstance(threshold, float) and 0 < threshold <= 1), "secure_aggregation.reconstruction_threshold",
+               f"must be an int >= 2 below num_shares or a float in (0, 1], got {threshold!r}")
+        _check(self.max_weight > 0, "secure_aggregation.max_weight", "must be positive")
+        _check(self.clipping_range > 0, "secure_aggregation.clipping_range", "must be positive")
+        _check(0 < self.quantization_range < 2 ** 32, "secure_aggregation.quantization_range",
+               "must lie in (0, 2^32) (below Flower's modulus_range)")
+
+
+@dataclass(frozen=True)
 class HaflConfig:
     """HAFL / HetLoRA / FlexLoRA / FLoRA: heterogeneous client LoRA ranks r_k <= R (R = the run's lora rank),
     see docs/hafl.md.
@@ -640,6 +684,7 @@ class RunConfig:
     hafl: HaflConfig = field(default_factory=HaflConfig)
     safedlora: SAFedLoraConfig = field(default_factory=SAFedLoraConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def __post_init__(self):
         _check(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0, "backbone_dropout",
@@ -671,6 +716,8 @@ class RunConfig:
                "reliability.attacker_clients", f"must name clients below partition.n_clients = {self.partition.n_clients}")
         if self.privacy.mode != "none":
             self._check_privacy()
+        if self.secure_aggregation.enabled:
+            self._check_secure_aggregation()
         if record.client_ranks:
             self._check_hafl()
         if METHODS[self.method].trains_backbone:
@@ -702,6 +749,28 @@ class RunConfig:
             _check(self.reliability.aggregation == "fedavg" and self.reliability.clip_norm is None,
                    "reliability.aggregation", "must be fedavg (and reliability.clip_norm null) with privacy.mode "
                    "central: DP-FedAvg is its own clipped, equally weighted mean (privacy.clip_norm)")
+
+    def _check_secure_aggregation(self) -> None:
+        """SecAgg+ shows the server one sum: whatever must look at a single client's adapter is refused."""
+        key, rel = "secure_aggregation.enabled", self.reliability
+        problem = METHODS[self.method].secagg_problem()
+        _check(problem is None, key, f"must be false: {problem}")
+        _check(rel.aggregation == "fedavg", "reliability.aggregation",
+               f"must be fedavg with secure_aggregation: {rel.aggregation} ranks or drops single clients' "
+               f"adapters, which SecAgg+ hides (it shows the server only their sum)")
+        _check(rel.clip_norm is None, "reliability.clip_norm", "must be null with secure_aggregation: the server "
+               "cannot clip an update it never sees (privacy.mode local clips on the client)")
+        _check(not rel.validate, "reliability.validate", "must be false with secure_aggregation: screening checks "
+               "each client's adapter (layout, finite values, update norm), which SecAgg+ hides from the server")
+        _check(self.privacy.mode != "central", "privacy.mode", "must be none or local with secure_aggregation: central "
+               "DP clips each client's update on the server, which never sees one (local DP noises before masking)")
+        _check(rel.corrupt_prob == 0.0 and rel.attack not in ("nan", "missing"), "reliability.corrupt_prob",
+               "must be 0 (and reliability.attack not nan or missing) with secure_aggregation: a malformed or "
+               "non-finite upload cannot be quantised into the masked sum")
+        n = self.partition.n_clients
+        sampled = n if self.train.fraction_fit >= 1.0 else max(1, int(round(self.train.fraction_fit * n)))
+        _check(sampled >= 2, "partition.n_clients", f"x train.fraction_fit must sample at least 2 clients a round "
+               f"with secure_aggregation (SecAgg+ needs 2 or more), got {sampled}")
 
     def _check_hafl(self) -> None:
         h, n = self.hafl, self.partition.n_clients

@@ -45,6 +45,10 @@ class Method:
     clusters: bool = False          # the server clusters the submissions (server.n_clusters: auto applies)
     engines: tuple[str, ...] = ENGINES
     engine_note: str = ""      # why an engine is missing from ``engines``
+    #: Flower's SecAgg+ applies (``secure_aggregation``): the merge is one sample-weighted mean of all submissions,
+    #: so the server needs only their sum. Else ``secagg_note`` says what of each client the server must see.
+    secure_aggregation: bool = False
+    secagg_note: str = ""
 
     def make_strategy(self, cfg, initial, n_tasks: int, lora_keys: list[str]):
         """The method's strategy for a run (imported now: the registry itself loads no torch)."""
@@ -57,34 +61,47 @@ class Method:
             return None
         return f"method '{self.name}' {self.engine_note}: run it with --engine {self.engines[0]}"
 
+    def secagg_problem(self) -> str | None:
+        """Why Flower's SecAgg+ (which shows the server only the clients' sum) cannot serve this method, or None."""
+        if self.secure_aggregation:
+            return None
+        return f"method {self.name} {self.secagg_note}; SecAgg+ shows the server only the clients' sum"
 
+
+_PER_CLIENT_MERGE = "merges each client's adapter at its own rank r_k by a per-client rule, not one weighted sum"
 _RECORDS = (
     Method("fltac", "one adapter per (client, task), K-means + FedAvg per cluster.", "per_task",
-           "fltac.server.strategies:make_fltac", default_rank=4, private=True, clusters=True),
+           "fltac.server.strategies:make_fltac", default_rank=4, private=True, clusters=True,
+           secagg_note="must see each client's adapters to cluster them by task"),
     Method("fedit", "one shared adapter per client, FedAvg.", "shared",
-           "fltac.server.strategies:make_fedavg", default_rank=16, export="one", private=True),
+           "fltac.server.strategies:make_fedavg", default_rank=16, export="one", private=True,
+           secure_aggregation=True),
     Method("centralized", "pooled data, one adapter per task (upper bound).", "pooled",
            "fltac.server.strategies:make_centralized", default_rank=4, engines=("inprocess",),
-           engine_note="pools all data in one process"),
+           engine_note="pools all data in one process",
+           secagg_note="pools all data in one place: there is no client to hide"),
     Method("hafl", "one adapter per client at its own rank r_k <= R, importance-based truncation or freezing, "
            "rank-1 aggregation (section hafl).", "shared", "fltac.server.hafl:make_hafl", default_rank=8,
-           client_hooks=True, server_optimizer=False, client_ranks=True),
+           client_hooks=True, server_optimizer=False, client_ranks=True, secagg_note=_PER_CLIENT_MERGE),
     Method("hetlora", "the baseline, first r_k components + zero-padded averaging.", "shared",
            "fltac.server.hafl:make_hetlora", default_rank=8, client_hooks=True,
-           server_optimizer=False, client_ranks=True, hafl_rule=("truncate", "zero_pad")),
+           server_optimizer=False, client_ranks=True, hafl_rule=("truncate", "zero_pad"),
+           secagg_note=_PER_CLIENT_MERGE),
     Method("flexlora", "FlexLoRA, the mean of the products B_k A_k, sent back to client k as its rank-r_k "
            "truncated SVD (section hafl).", "shared", "fltac.server.hetero:make_flexlora", default_rank=8,
-           client_hooks=True, server_optimizer=False, client_ranks=True, hafl_rule=("truncate", "svd")),
+           client_hooks=True, server_optimizer=False, client_ranks=True, hafl_rule=("truncate", "svd"),
+           secagg_note=_PER_CLIENT_MERGE),
     Method("flora", "FLoRA, stacked (exact) aggregation of the products into a frozen residual; each client "
            "trains a fresh rank-r_k LoRA on it every round (section hafl).", "shared",
            "fltac.server.hetero:make_flora", default_rank=16, client_hooks=True, server_optimizer=False,
-           client_ranks=True, hafl_rule=("freeze", "stack"), rank_headroom=1),
+           client_ranks=True, hafl_rule=("freeze", "stack"), rank_headroom=1, secagg_note=_PER_CLIENT_MERGE),
     Method("safedlora", "SA-FedLoRA, an initiating stage then an annealed SVD adapter (section safedlora).",
            "shared", "fltac.server.safedlora:make_safedlora", default_rank=None, trains_backbone=True,
-           client_hooks=True, export=None, server_optimizer=False, proximal=False),
+           client_hooks=True, export=None, server_optimizer=False, proximal=False,
+           secagg_note="reads each client's importance scores to anneal its rank"),
     Method("fedavg_full", "FedAvg of full fine-tuning (fp32 backbone).", "shared",
            "fltac.server.safedlora:make_fedavg_full", default_rank=None, trains_backbone=True, export=None,
-           server_optimizer=False),
+           server_optimizer=False, secagg_note="is not wired to SecAgg+ (its strategy has no mean-only merge)"),
 )
 #: Every method, by name, in the order the docs list them.
 METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}

@@ -5,6 +5,8 @@
 - :class:`Upload`: what a client sends back for one adapter: its key, the trained tensors (possibly only a
   part, e.g. HAFL's rows), its sample count and extra tensors (scores, indices).
 - :class:`Submission`: an upload as the server holds it: with the client's id and the start it was sent.
+- :class:`Mean`: a round's uploads as secure aggregation hands them to the server: only their sample-weighted
+  mean, with who took part.
 - Key suffixes and score names of the tensors the methods put on the wire.
 
 A job's key (``a0``, ``a1``, ...) is the client's own name for one of its adapters; the server treats it as
@@ -110,3 +112,16 @@ class Submission:
     num_examples: int
     start: State  # the adapter the client was sent (kept server-side; not sent back)
     extras: dict = field(default_factory=dict)  # tensors sent beside the adapter (e.g. importance scores)
+
+
+@dataclass
+class Mean:
+    """A round's submissions as the server gets them under secure aggregation: one sample-weighted mean, no single one.
+
+    ``members`` are the (client, key) whose adapters are in it (who took part is no secret: the transport knows
+    whom it heard from); ``num_examples`` their total weight.
+    """
+
+    state: State
+    num_examples: int
+    members: list[tuple[int, str]]

@@ -1,6 +1,7 @@
 """The Flower engine: the in-process engine's round loop, with clients reached through Flower (flwr >= 1.42).
 
-This is fltac's only ``flwr`` import. It carries messages and nothing else: the strategy (``configure``,
+This module and :mod:`fltac.engines.flower_secagg` (Flower's SecAgg+, ``secure_aggregation``) are fltac's only
+``flwr`` imports. They carry messages and nothing else: the strategy (``configure``,
 ``expected_spec``, ``aggregate``), the client's training (:func:`fltac.client.round.train_client`), the
 screening, evaluation, metrics, checkpoints and summary are the very code the in-process engine runs.
 :class:`FlowerEngine` subclasses :class:`~fltac.engines.inprocess.InProcessEngine` and replaces its
@@ -32,6 +33,10 @@ importance scores and masks travel in ``hooks`` and ``extras``; a fresh optimize
 round. A node's ``context.state`` keeps only the run's config (from the query). Bytes on the wire are
 ``ArrayRecord.count_bytes()`` of the adapter records: ``downlink_bytes`` / ``uplink_bytes``.
 
+With ``secure_aggregation.enabled`` each round's train exchange is Flower's SecAgg+ instead
+(:class:`~fltac.engines.flower_secagg.SecAggTransport`: legacy fit messages through ``SecAggPlusWorkflow``, the
+ClientApp's train function behind ``secaggplus_mod``); the server gets one mean, never a client's adapter.
+
 Failed clients: an error reply (the ClientApp raised, the node went away) is a 'crash', no reply
 within ``reliability.client_timeout_s`` + :data:`TRANSPORT_SLACK_S` a 'timeout'; the client is dropped
 for the round and logged in metrics.jsonl like any other drop, and ``reliability.min_clients_per_round``
@@ -52,6 +57,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fltac.client.round import ClientResult, train_client
 from fltac.config import RunConfig, from_dict, load_config
+from fltac.engines.flower_secagg import SecAggTransport, is_secagg, secagg_train, secagg_when_asked
 from fltac.engines.inprocess import Delivery, InProcessEngine, RunError
 from fltac.methods import method_of
 from fltac.wire import Broadcast, Upload
@@ -138,6 +144,8 @@ class FlowerEngine(InProcessEngine):
         How long to wait for ``n_clients`` nodes to connect and answer the query.
     """
 
+    secure_aggregation = True  # its transport runs Flower's SecAgg+ (flower_secagg)
+
     def __init__(self, cfg: RunConfig, grid: Grid, node_wait_s: float = 300.0, **kwargs):
         super().__init__(cfg, **kwargs)
         refuse_unsupported(cfg)
@@ -182,8 +190,23 @@ class FlowerEngine(InProcessEngine):
         self.log(f"[fltac] flower: {n} node(s) connected: " +
                  ", ".join(f"client {c} -> node {self.node_of[c]}" for c in sorted(self.node_of)))
 
-    def make_transport(self, exp) -> "FlowerTransport":
+    def check_reported(self, client: int, cjobs: list) -> None:
+        """Stop the run when ``client``'s node reported other adapters or sample counts than the server planned."""
+        planned = {j.key: j.num_examples for j in cjobs}
+        if any(self.reported[client].get(k) != v for k, v in planned.items()):
+            raise RunError(f"client {client}'s node holds other data than the server planned "
+                           f"({self.reported[client]} vs {planned}): do all machines have the same task files?")
+
+    def make_transport(self, exp) -> "FlowerTransport | SecAggTransport":
+        if self.cfg.secure_aggregation.enabled:
+            return SecAggTransport(self, reply_limit(self.cfg))
         return FlowerTransport(self)
+
+
+def reply_limit(cfg: RunConfig) -> float | None:
+    """Seconds a train exchange waits for replies: ``reliability.client_timeout_s`` + :data:`TRANSPORT_SLACK_S`."""
+    timeout = cfg.reliability.client_timeout_s
+    return None if timeout is None else timeout + TRANSPORT_SLACK_S
 
 
 class FlowerTransport:
@@ -199,17 +222,13 @@ class FlowerTransport:
 
     def exchange(self, round_, jobs_of, broadcasts, bar) -> Delivery:
         eng, r = self.engine, round_
-        rel = eng.cfg.reliability
         msgs, down = {}, 0
         for client, cjobs in jobs_of.items():
-            reported = {j.key: j.num_examples for j in cjobs}
-            if any(eng.reported[client].get(k) != v for k, v in reported.items()):
-                raise RunError(f"client {client}'s node holds other data than the server planned "
-                               f"({eng.reported[client]} vs {reported}): do all machines have the same task files?")
+            eng.check_reported(client, cjobs)
             content, sizes = encode_broadcasts(r, broadcasts[client])
             down += sum(sizes.values())
             msgs[client] = Message(content, dst_node_id=eng.node_of[client], message_type="train")
-        limit = None if rel.client_timeout_s is None else rel.client_timeout_s + TRANSPORT_SLACK_S
+        limit = reply_limit(eng.cfg)
         replies = list(eng.grid.send_and_receive(list(msgs.values()), timeout=limit))
         client_of = {m.metadata.message_id: c for c, m in msgs.items()}  # error replies come from the SuperLink
         got = {client_of[rep.metadata.reply_to_message_id]: rep for rep in replies
@@ -313,13 +332,15 @@ def _client_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": node}), reply_to=msg)
 
 
-@client_app.train()
+@client_app.train(mods=[secagg_when_asked])
 def _client_train(msg: Message, context: Context) -> Message:
     if "fltac" not in context.state.config_records:
         raise RuntimeError("this node has no run config: it missed the run's setup query (restarted node?)")
     run_config = str(context.state.config_records["fltac"]["run_config"])
     cfg = from_dict(json.loads(run_config))
     side = _client_side(run_config, _partition_id(context, cfg))
+    if is_secagg(msg):  # SecAgg+'s masked-vector stage: the mod masks what this returns
+        return secagg_train(msg, cfg, side)
     r, broadcasts = decode_broadcasts(msg.content)
     jobs = {j.key: j for j in side.jobs}
     unknown = sorted(set(broadcasts) - set(jobs))

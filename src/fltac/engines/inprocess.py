@@ -51,7 +51,7 @@ from fltac.experiment import Experiment, build_experiment
 from fltac.models.adapters import AdapterModel, state_bytes
 from fltac.models.backbone import cpu_model, model_folder_problem
 from fltac.server.robust import finite_problem, screen, slots_problem, spec_of
-from fltac.wire import Broadcast, Submission, with_frozen
+from fltac.wire import Broadcast, Mean, Submission, with_frozen
 
 METRICS = "metrics.jsonl"
 CLUSTERS = "cluster_assignments.jsonl"
@@ -135,6 +135,9 @@ class Delivery:
     results: dict[int, ClientResult]
     downlink_bytes: int
     uplink_bytes: int
+    #: Secure aggregation: the round's uploads as the server gets them, one sample-weighted mean (the results
+    #: then hold no upload); the round skips screening and goes to the strategy's ``aggregate_mean``.
+    mean: Mean | None = None
 
 
 class Transport(Protocol):
@@ -191,6 +194,9 @@ def check_enough_sampled(rel, n_sampled: int) -> None:
 
 
 class InProcessEngine:
+    #: Whether this engine's transport runs Flower's SecAgg+ (``secure_aggregation.enabled``): the Flower engine's.
+    secure_aggregation = False
+
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
                  log: tuple[str, ...] = ()):
         self.cfg = cfg
@@ -326,6 +332,10 @@ class InProcessEngine:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        if cfg.secure_aggregation.enabled and not self.secure_aggregation:
+            raise ConfigError("config key 'secure_aggregation.enabled' needs the Flower engine (--engine flower-sim "
+                              "or a Flower deployment): SecAgg+ is Flower's protocol, and the in-process engine "
+                              "trains every client inside the server's own process")
         ckpt = self.check_output()
         if ckpt is not None and ckpt["round"] >= cfg.train.rounds and (self.out / "summary.json").exists():
             self.log(f"[fltac] run in {self.out} already finished ({ckpt['round']} rounds); nothing to do")
@@ -431,18 +441,27 @@ class InProcessEngine:
         received, expected, delivery = self._run_clients(exp, r, jobs, len(clients), metrics, bar)
         bar.close()
         train_seconds = time.perf_counter() - t_train
-        with phase("screening"):
-            subs, bound = self._screen(r, len(clients), received, expected, metrics)
+        if delivery.mean is None:
+            with phase("screening"):
+                subs, bound = self._screen(r, len(clients), received, expected, metrics)
+            n_received, n_accepted = len(received), len(subs)
+            with phase("aggregation"):
+                assigned = exp.strategy.aggregate(r, subs)
+        else:  # secure aggregation: nothing to screen, one mean of every member's adapter to merge
+            self._check_survivors(r, len(clients), {c for c, _ in delivery.mean.members}, metrics)
+            subs, bound = [], None
+            n_received = n_accepted = len(delivery.mean.members)
+            with phase("aggregation"):
+                assigned = exp.strategy.aggregate_mean(r, delivery.mean)
         with phase("aggregation"):
-            assigned = exp.strategy.aggregate(r, subs)
             clusters = exp.strategy.cluster_records(r, assigned, jobs, exp.task_names)
         if clusters and r in (1, cfg.train.rounds):
             with phase("writes"):
                 self._save_submissions(exp, r, subs, starts)
         local = [m for m in metrics if m["phase"] == "local"]
         idle = sum(m["phase"] == "idle" for m in metrics)  # adapters that took no step, hence sent nothing
-        info = {"phase": "round", "round": r, "clients": len(clients), "submissions": len(received),
-                "accepted": len(subs), "idle": idle, "dropped": len(jobs) - len(subs) - idle, "norm_bound": bound,
+        info = {"phase": "round", "round": r, "clients": len(clients), "submissions": n_received,
+                "accepted": n_accepted, "idle": idle, "dropped": len(jobs) - n_accepted - idle, "norm_bound": bound,
                 "uplink_bytes": delivery.uplink_bytes, "downlink_bytes": delivery.downlink_bytes,
                 "train_tokens": sum(res.tokens for res in delivery.results.values()),
                 "train_seconds": round(train_seconds, 3),
@@ -506,7 +525,12 @@ class InProcessEngine:
             bound = bound if np.isfinite(bound) else None
             if accepted and reference is not None and np.isfinite(reference):
                 self.norm_reference = reference  # the next round's fallback (robust.norm_reference)
-        survivors = {s.client for s in accepted}
+        self._check_survivors(r, n_sampled, {s.client for s in accepted}, metrics)
+        return accepted, bound
+
+    def _check_survivors(self, r: int, n_sampled: int, survivors: set[int], metrics: list[dict]) -> None:
+        """Stop the run (:class:`TooFewClients`) when fewer clients than required have an accepted adapter left."""
+        rel = self.cfg.reliability
         need = required_clients(rel, n_sampled)
         if len(survivors) < need:
             io.append_jsonl(self.out / METRICS, metrics)  # the failed round's records, for the post-mortem
@@ -517,7 +541,6 @@ class InProcessEngine:
                 f"round {r}: only {len(survivors)} of {n_sampled} sampled client(s) have an accepted adapter, "
                 f"fewer than the {need} required (reliability.min_clients_per_round = {rel.min_clients_per_round}, "
                 f"reliability.min_fraction_per_round = {rel.min_fraction_per_round:g}); dropped: {listing}{more}")
-        return accepted, bound
 
     @staticmethod
     def baselines(exp: Experiment, task: int) -> dict:

@@ -19,7 +19,7 @@ from fltac.server.aggregate import (clustering_scores, eigengap_k, flatten, kmea
 from fltac.server.optimizers import DEFAULTS as OPTIMIZER_DEFAULTS
 from fltac.server.optimizers import ServerOptimizer
 from fltac.server.robust import Aggregation, Spec, spec_of
-from fltac.wire import Broadcast, State, Submission, frozen_keys
+from fltac.wire import Broadcast, Mean, State, Submission, frozen_keys
 
 __all__ = ["AggregationError", "Broadcast", "Centralized", "EmptyRoundError", "FLTAC", "FedAvg", "Strategy",
            "Submission", "make_strategy"]
@@ -146,6 +146,19 @@ class FedAvg(Strategy):
 
     def _aggregate(self, round_, subs):
         return self._merge(round_, subs, [0] * len(subs))
+
+    def aggregate_mean(self, round_: int, mean: Mean) -> dict[tuple[int, str], int]:
+        """Merge a round that arrives as the sample-weighted mean of its submissions (secure aggregation: the
+        server never holds one of them). FedAvg of all submissions *is* that mean, so the slot's aggregate is
+        ``mean.state`` (the FedAvg of it alone), then the server optimizer and the frozen tensors as in
+        :meth:`~Strategy._merge`; every member is assigned the one slot."""
+        if not mean.members:
+            raise EmptyRoundError(f"round {round_}: no submission to aggregate (method {self.name})")
+        client, key = mean.members[0]
+        self._merge(round_, [Submission(client, key, mean.state, mean.num_examples, self.slots_[0])], [0])
+        assigned = {member: 0 for member in mean.members}
+        self.assignment_.update(assigned)
+        return assigned
 
 
 class Centralized(Strategy):
