@@ -44,7 +44,8 @@ def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " \\| ".join(type_name(a) for a in args) + " \\| null"
+        optional = len(args) < len(typing.get_args(tp))
+        return " \\| ".join(type_name(a) for a in args) + (" \\| null" if optional else "")
     if origin is Literal:
         return "choice"
     if origin is list:
