@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from test_flower import (ScriptedGrid, _overrides, _write_config, in_loopback_netns, needs_netns, only_loopback,
-                         over_the_wire)
+                         over_the_wire, task_identity)  # noqa: F401  (task_identity: a fixture)
 
 from fltac.config import ConfigError, load_config
 from fltac.engines.inprocess import run
@@ -22,16 +22,6 @@ from fltac.engines.inprocess import run
 pytestmark = pytest.mark.flower
 
 SECAGG = {"method": "fedit", "secure_aggregation.enabled": True, "reliability.validate": False}
-
-
-@pytest.fixture
-def task_identity():
-    """The ids a running ServerApp sets (Flower's Message needs them)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = None, None, None
 
 
 # ---- the unmasked mean against FedAvg (the real workflow and mod, planted adapters) ------------------------
@@ -132,8 +122,7 @@ def test_fedit_with_secagg_through_flower_messages_matches_plain_fedit(tiny_bert
                                                                         task_identity, monkeypatch):
     """Two FedIT rounds with SecAgg+ (the real ClientApp and FlowerEngine over a scripted Grid): the strategy
     never gets a client's adapter (aggregate is never called; aggregate_mean gets one mean of both clients),
-    round 1's adapter is the plain run's within the quantisation bound, metrics and summary are written, and a
-    second run gives the same bytes (the rounding is seeded)."""
+    round 1's adapter is the plain run's within the quantisation bound, metrics and summary are written."""
     from fltac.engines.flower import FlowerEngine
     from fltac.server.strategies import FedAvg
 
@@ -170,11 +159,32 @@ def test_fedit_with_secagg_through_flower_messages_matches_plain_fedit(tiny_bert
                                                                 .read_text().splitlines()))
     assert got["rounds"] == 2 and got["per_task_accuracy"].keys() == ref["per_task_accuracy"].keys()
 
-    again = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "again", **SECAGG))
-    FlowerEngine(again, ScriptedGrid(2, {}), quiet=True).run()
-    for r in (1, 2):
-        assert ((tmp_path / "again" / "adapters" / f"round_{r}.safetensors").read_bytes()
-                == (tmp_path / "secagg" / "adapters" / f"round_{r}.safetensors").read_bytes())
+
+def test_a_secagg_run_killed_in_round_2_resumes_to_the_same_bytes(tiny_bert, csv_scenario, tmp_path, task_identity,
+                                                                   monkeypatch):
+    """The checkpoint of a SecAgg+ round is a normal one: a run killed before round 2's records resumes (through
+    Flower again) to the uninterrupted run's adapters, byte for byte: the quantisation is seeded, so two runs
+    (the uninterrupted one and the killed one's round 1) give the same bytes."""
+    from fltac.engines.flower import FlowerEngine
+    from fltac.engines.inprocess import InProcessEngine
+
+    whole = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "whole", **SECAGG))
+    FlowerEngine(whole, ScriptedGrid(2, {}), quiet=True).run()
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "killed", **SECAGG))
+    original = InProcessEngine.evaluate
+
+    def kill(self, exp, r, *args, **kwargs):
+        if r == 2:
+            raise RuntimeError("simulated kill")
+        return original(self, exp, r, *args, **kwargs)
+
+    monkeypatch.setattr(InProcessEngine, "evaluate", kill)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        FlowerEngine(cfg, ScriptedGrid(2, {}), quiet=True).run()
+    monkeypatch.undo()
+    FlowerEngine(cfg, ScriptedGrid(2, {}), resume=True, quiet=True).run()
+    assert ((tmp_path / "killed" / "adapters" / "round_2.safetensors").read_bytes()
+            == (tmp_path / "whole" / "adapters" / "round_2.safetensors").read_bytes())
 
 
 def test_a_client_lost_mid_protocol_is_unmasked_away_and_logged(tiny_bert, csv_scenario, tmp_path, task_identity):
