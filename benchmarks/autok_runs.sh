@@ -1,12 +1,13 @@
 #!/bin/bash
 # The measurement runs of docs/fltac.md, "Unknown number of tasks": FL-TAC with server.n_clusters auto and
 # with K given (the number of tasks), on text5 (5 tasks), its first three tasks, text7 (7 tasks) and text5
-# with bbc joining in round 2; one thread per run, two runs at a time, niced. Results in results/autok/,
-# then: PYTHONPATH=src python benchmarks/autok_table.py --runs results/autok
+# with bbc joining in round 2; one run at a time, torch's default threads (as `fltac compare`); a finished
+# run is not rerun, an interrupted one resumes. Results in results/autok/ (AUTOK_ROOT= another folder), then:
+#   PYTHONPATH=src python benchmarks/autok_table.py --runs results/autok
 #   bash benchmarks/autok_runs.sh [SEEDS...]      (default: 42 43 44; PYTHON= the interpreter, default .venv/bin/python)
 set -u
 cd "$(dirname "$0")/.."
-root=results/autok
+root=${AUTOK_ROOT:-results/autok}
 mkdir -p $root
 one() {  # <set> <auto|given> <seed>
   local name=$1 mode=$2 seed=$3 args
@@ -18,9 +19,11 @@ one() {  # <set> <auto|given> <seed>
   esac
   [ "$mode" = auto ] && args+=(--override server.n_clusters=auto)
   local out=$root/${name}_${mode}_s${seed}
+  [ -f "$out/summary.json" ] && return  # finished: not rerun
+  [ -d "$out" ] && args+=(--resume)     # interrupted: resumed
   echo "$(date +%T) start $out load $(cut -d' ' -f1-3 /proc/loadavg)" >> $root/progress.log
-  PYTHONPATH=$PWD/src nice -n 19 "${PYTHON:-.venv/bin/python}" -m fltac run "${args[@]}" --seed "$seed" --override num_threads=1 \
-    --output_dir "$out" --overwrite --quiet > "$out.log" 2>&1
+  PYTHONPATH=$PWD/src "${PYTHON:-.venv/bin/python}" -m fltac run "${args[@]}" --seed "$seed" \
+    --output_dir "$out" --quiet >> "$out.log" 2>&1
   echo "$(date +%T) done $out rc $? load $(cut -d' ' -f1-3 /proc/loadavg)" >> $root/progress.log
 }
 export -f one
@@ -29,5 +32,5 @@ seeds=("$@")
 [ ${#seeds[@]} -eq 0 ] && seeds=(42 43 44)
 for seed in "${seeds[@]}"; do
   for name in text5 text3 text7; do for mode in auto given; do echo "$name $mode $seed"; done; done
-  [ "$seed" = 42 ] && echo "late5 auto 42" && echo "late5 given 42"
-done | xargs -P 2 -L 1 bash -c 'one "$@"' _
+  for mode in auto given; do echo "late5 $mode $seed"; done
+done | xargs -L 1 bash -c 'one "$@"' _

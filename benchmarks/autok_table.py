@@ -22,9 +22,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from fltac import io
+from fltac.compare import cell
 from fltac.config import from_dict
 from fltac.eval.report import kmeans_features, load_run, submission_rounds
 from fltac.server.strategies import make_fltac
@@ -76,10 +75,10 @@ def runs_table(root: Path) -> str:
                      f"{fmt(auto['clustering'])} / {fmt(given['clustering'])} | "
                      f"{auto['accuracy']:.3f} / {given['accuracy']:.3f} | {auto['wall']:.0f} / {given['wall']:.0f} |")
         per_set[name].append((auto["accuracy"], given["accuracy"]))
-    lines += ["", "| set | seeds | mean accuracy auto (mean ± sd) | K given (mean ± sd) |", "|---|---|---|---|"]
+    lines += ["", "| set | seeds | mean accuracy auto (mean ± sample sd) | K given (mean ± sample sd) |", "|---|---|---|---|"]
     for name, pairs in per_set.items():
-        a, g = np.array(pairs).T
-        lines.append(f"| {name} | {len(pairs)} | {a.mean():.3f} ± {a.std():.3f} | {g.mean():.3f} ± {g.std():.3f} |")
+        auto, given = zip(*pairs)
+        lines.append(f"| {name} | {len(pairs)} | {cell(list(auto), '.3f')} | {cell(list(given), '.3f')} |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@
 
 For every r in the runs' client ranks, the final global rank-R adapter is cut to r components, as the
 method distributes it to a truncated client: HAFL keeps the top-r by the server's global score, HetLoRA
-the first r (:func:`fltac.server.hafl.truncate`). A freeze-mode client receives the full rank-R adapter,
+the first r (:meth:`fltac.server.hafl.HAFL.pick`, :func:`fltac.server.hafl.truncate`). A freeze-mode client receives the full rank-R adapter,
 so for it the rank-R row is the model it starts from. Printed as one JSON object per run.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 from fltac import io
 from fltac.config import from_dict
 from fltac.experiment import build_experiment
-from fltac.server.hafl import top_components, truncate
+from fltac.methods import method_of
+from fltac.server.hafl import truncate
 
 
 def main() -> None:
@@ -32,11 +33,11 @@ def main() -> None:
         state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("slot0/")}
         scores = {k[len("hafl/score/"):]: v for k, v in tensors.items() if k.startswith("hafl/score/")}
         exp = build_experiment(cfg)
+        strategy = method_of(cfg.method).make_strategy(cfg, state, 1, list(state))
         out = {"run": str(run), "method": cfg.method, "mode_aggregation": list(cfg.hafl.resolved(cfg.method)),
                "round": r_final, "accuracy_at_rank": {}}
         for r in sorted(set(cfg.hafl.ranks(cfg.partition.n_clients, cfg.seed)) | {cfg.rank}):
-            comps = {m: (list(range(r)) if cfg.method == "hetlora" else top_components(s, r))
-                     for m, s in scores.items()}
+            comps = strategy.pick(scores, r)
             out["accuracy_at_rank"][r] = exp.evaluator.accuracy(truncate(state, comps), 0)
         print(json.dumps(out), flush=True)
 

@@ -341,6 +341,28 @@ def test_ffa_lora_and_fedprox_give_the_inprocess_result_through_flower_messages(
     assert got["uplink_bytes"] >= ref["uplink_bytes"] > 0
 
 
+@pytest.mark.parametrize("method, rule, optimizer", [("fltac", "geometric_median", "fedadam"),
+                                                     ("fedit", "multi_krum", "fedavgm")])
+def test_server_rules_and_optimizers_give_the_inprocess_result_through_flower_messages(
+        method, rule, optimizer, tiny_bert, csv_scenario, tmp_path, task_identity):
+    """A robust rule and a server optimizer live in the strategy, which knows no engine: through Flower's
+    Messages every adapter file is the in-process run's, byte for byte, the optimizer's moments included."""
+    from safetensors.torch import load_file
+
+    from fltac.engines.flower import FlowerEngine
+
+    extra = {"method": method, "train.rounds": 2, "reliability.aggregation": rule, "server.optimizer": optimizer}
+    run(load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "ref", **extra)), quiet=True)
+    cfg = load_config(None, _overrides(tiny_bert, csv_scenario, tmp_path / "flower", **extra))
+    FlowerEngine(cfg, ScriptedGrid(2, {}), quiet=True).run()
+    _same_adapter_files(tmp_path / "ref", tmp_path / "flower")
+    ref, got = (load_file(tmp_path / d / "checkpoint" / "round_2.safetensors") for d in ("ref", "flower"))
+    moments = sorted(k for k in ref if "server_memory/" in k)
+    assert moments and moments == sorted(k for k in got if "server_memory/" in k)
+    for k in moments:
+        assert torch.equal(got[k], ref[k]), k
+
+
 def test_local_dp_noise_is_added_by_the_flower_client(tiny_bert, csv_scenario, tmp_path, task_identity):
     """privacy.mode local: the ClientApp's reply already carries the noise (every uploaded entry of B, zero when
     sent in round 1, is off by about sigma C), and the run's adapter files are the in-process run's, byte for byte."""

@@ -22,7 +22,9 @@ per coordinate. The client's contributions to all slots together have norm at mo
 adapters has squared norm at most the sum of their squared norms over ``m``), so the noisy sums are one Gaussian
 mechanism of sensitivity ``C`` per round. Sampling: a seeded fixed-size sample of ``m`` of ``N`` clients per round,
 accounted as the sampled Gaussian mechanism with ``q = m / N`` (the Poisson-sampling analysis, as DP-FedAvg does).
-For FedIT ``n`` is the number of clients that submitted (``m`` unless some dropped). For FL-TAC the *clustering is
+For FedIT ``n`` is the number of clients that submitted (``m`` unless some dropped). Dividing the noisy sum by
+that ``n`` is post-processing of the Gaussian mechanism: ``n`` is not protected (the server sees who submits), as
+with DP-FedAvg's fixed denominator ``q N``, which the server could divide by instead with the same epsilon. For FL-TAC the *clustering is
 not private*: K-means/spectral clustering runs on the un-noised adapters and decides which clients share a slot and
 the ``n`` of each; the epsilon holds for the slot adapters given that partition, not for the partition itself.
 Local DP has no such gap (the clustering sees noised adapters), which is why it is FL-TAC's headline mode. Secure

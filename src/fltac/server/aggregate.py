@@ -38,9 +38,9 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
             for k in states[0]}
 
 
-def flatten(state: State, keys: list[str]) -> torch.Tensor:
-    """The tensors under ``keys`` (in that order) as one float32 vector."""
-    return torch.cat([state[k].reshape(-1).float() for k in keys])
+def flatten(state: State, keys: list[str], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensors under ``keys`` (in that order) as one vector of ``dtype``."""
+    return torch.cat([state[k].reshape(-1).to(dtype) for k in keys])
 
 
 def random_projection(dim: int, out_dim: int, seed: int) -> torch.Tensor:

@@ -217,13 +217,17 @@ class HAFL(Strategy):
         Freeze mode ranks by the client's own scores from its last round (reconstructed: the paper says
         "locally most important"; a client that has not trained yet uses the global score).
         """
-        r = self.client_ranks[client]
-        if self.selection == "first":
-            return {m: list(range(r)) for m in self.modules}
         source = self.score_
         if self.mode == "freeze" and client in self.client_score_:
             source = self.client_score_[client]
-        return {m: top_components(source[m], r) for m in self.modules}
+        return self.pick(source, self.client_ranks[client])
+
+    def pick(self, scores: dict[str, torch.Tensor], r: int) -> dict[str, list[int]]:
+        """Per module, the ``r`` components a rank-``r`` client gets: the first ``r`` (HetLoRA's selection) or the
+        top ``r`` by ``scores`` (HAFL's)."""
+        if self.selection == "first":
+            return {m: list(range(r)) for m in self.modules}
+        return {m: top_components(scores[m], r) for m in self.modules}
 
     def sent_state(self, round_: int, client: int, key: str, comps: dict[str, list[int]]) -> State:
         """The adapter ``client`` is sent: the global one, cut to its components ``comps`` when truncating."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fltac.server.aggregate import State, weighted_mean
+from fltac.server.aggregate import State, flatten, weighted_mean
 
 #: Expected layout of one adapter: ``{key: (shape, dtype)}``.
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -71,7 +71,7 @@ def trimmed_mean(states: list[State], trim_fraction: float) -> State:
 def _flat(states: list[State]) -> torch.Tensor:
     """[n, D] float64: each state's tensors flattened in key order (the first state's)."""
     keys = list(states[0])
-    return torch.stack([torch.cat([s[k].double().reshape(-1) for k in keys]) for s in states])
+    return torch.stack([flatten(s, keys, torch.float64) for s in states])
 
 
 def krum_scores(states: list[State], f: int) -> torch.Tensor:
