@@ -525,8 +525,8 @@ class SecureAggregationConfig:
         "(the client refuses an adapter with an entry beyond it rather than send a clipped one).", 8.0)
     quantization_range: int = _help(
         "Q: entries are quantised (stochastic rounding) to integers in [0, Q - 1], a step of 2c / Q. The unmasked "
-        "mean is off by at most n x (2c / Q) x max_weight / (sum of num_examples) per entry for n clients "
-        "(fltac.engines.flower_secagg.mean_error_bound). Must be below 2^32 / n.", 4194304)
+        "mean is off FedAvg's by about n x (2c / Q) x max_weight / (sum of num_examples) per entry at most, for n "
+        "clients (fltac.engines.flower_secagg.mean_error_bound). Must be below 2^32 / n.", 4194304)
 
     def __post_init__(self):
         shares, threshold = self.num_shares, self.reconstruction_threshold

@@ -144,7 +144,7 @@ class FlowerEngine(InProcessEngine):
         How long to wait for ``n_clients`` nodes to connect and answer the query.
     """
 
-    secure_aggregation = True  # its transport runs Flower's SecAgg+ (flower_secagg)
+    offers_secure_aggregation = True  # its transport runs Flower's SecAgg+ (flower_secagg)
 
     def __init__(self, cfg: RunConfig, grid: Grid, node_wait_s: float = 300.0, **kwargs):
         super().__init__(cfg, **kwargs)

@@ -19,9 +19,10 @@ Client k with n_k examples gets the integer weight w_k = round(n_k / W x Q) (W =
 ``quantization_range``) and sends each entry x of its adapter as round_stoch((clip(w_k x / Q, -c, c) + c) Q / 2c)
 (c = ``clipping_range``; stochastic rounding: unbiased, within one step 2c/Q), masked mod 2^32, and w_k itself.
 The server unmasks the sums and divides by sum_k w_k / Q, so it gets sum_k w_k x_k / sum_k w_k: FedAvg with
-weights w_k (proportional to n_k up to a relative 0.5 / w_k), each entry off the exact mean by less than
-n x (2c / Q) / (sum_k w_k / Q) ~ n 2c W / (Q sum_k n_k) for n clients (:func:`mean_error_bound`). Defaults
-(c = 8, Q = 2^22, W = 1000): a step of 3.8e-6; two clients of 100 examples: under 3.8e-5 per entry. The mean comes
+weights w_k (proportional to n_k up to 1/2 each), each entry off the exact sample-weighted mean by less than
+n (2c + s/2) / sum_k w_k ~ n 2c W / (Q sum_k n_k) for n clients, s the entry's largest distance from the mean
+among the clients, small next to 4c for an adapter (:func:`mean_error_bound`). Defaults (c = 8, Q = 2^22,
+W = 1000): a step of 3.8e-6; two clients of 100 examples: under 3.8e-5 per entry. The mean comes
 back in float64 and is cast to the adapter's dtype. An entry beyond c after weighting would be clipped without a
 word, so the client refuses to send such an adapter (an error reply: SecAgg+ treats it as a dropout), and an n_k
 above W (Flower warns of overflow) stops the run before round 1.
@@ -64,12 +65,15 @@ from fltac.engines.inprocess import Delivery, RunError
 from fltac.wire import Broadcast, Mean
 
 
-def mean_error_bound(num_examples: list[int], max_weight: float, clipping_range: float,
-                     quantization_range: int) -> float:
-    """The largest error of one entry of SecAgg+'s mean against the exact mean with the protocol's weights w_k:
-    n quantisation steps (2c / Q) of the weighted sum over the weight sum_k w_k / Q (module docstring)."""
+def mean_error_bound(num_examples: list[int], max_weight: float, clipping_range: float, quantization_range: int,
+                     spread: float = 0.0) -> float:
+    """The largest error of one entry of SecAgg+'s mean against FedAvg's exact sample-weighted mean:
+    n (2c + spread / 2) / sum_k w_k. The 2c: n quantisation steps (2c / Q) of the weighted sum over the weight
+    sum_k w_k / Q; the spread / 2: the integer weights w_k are off n_k Q / W by at most 1/2 each, which moves the
+    mean by sum_k delta_k (x_k - mean) / sum_k w_k, ``spread`` being the largest |x_k - mean| of the entry (0:
+    the bound against the mean with the protocol's own weights w_k)."""
     weights = [round(n / max_weight * quantization_range) for n in num_examples]
-    return len(weights) * (2 * clipping_range / quantization_range) / (sum(weights) / quantization_range)
+    return len(weights) * (2 * clipping_range + spread / 2) / sum(weights)
 
 
 # ---- server side ---------------------------------------------------------------------------------------
@@ -212,7 +216,8 @@ class SecAggTransport:
             if res is None:
                 why = grid.errors.get(node)
                 kind, reason = ("crash", f"crash: {why}") if why else (
-                    "timeout", f"timeout: no masked vector from node {node} within {self.limit} s")
+                    "timeout", f"timeout: no masked vector from node {node}"
+                    + (f" within {self.limit:g} s" if self.limit is not None else ""))
                 results[client] = ClientResult([{"phase": "dropped", "round": round_, "client": client,
                                                   "key": job.key, "kind": kind, "reason": reason}], failed=True)
                 bar.step(job.steps, note=f"client {client} dropped")

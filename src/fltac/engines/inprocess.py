@@ -195,7 +195,7 @@ def check_enough_sampled(rel, n_sampled: int) -> None:
 
 class InProcessEngine:
     #: Whether this engine's transport runs Flower's SecAgg+ (``secure_aggregation.enabled``): the Flower engine's.
-    secure_aggregation = False
+    offers_secure_aggregation = False
 
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, tasks=None, quiet: bool = False,
                  log: tuple[str, ...] = ()):
@@ -332,7 +332,7 @@ class InProcessEngine:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        if cfg.secure_aggregation.enabled and not self.secure_aggregation:
+        if cfg.secure_aggregation.enabled and not self.offers_secure_aggregation:
             raise ConfigError("config key 'secure_aggregation.enabled' needs the Flower engine (--engine flower-sim "
                               "or a Flower deployment): SecAgg+ is Flower's protocol, and the in-process engine "
                               "trains every client inside the server's own process")
