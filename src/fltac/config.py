@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A configuration problem, with the dotted name of the key at fault in the message."""
 
 
+class NotFinite(ConfigError):
+    """A float key given NaN or an infinity."""
+
+
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": text})
@@ -840,6 +844,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for alternative in typing.get_args(tp):
             try:
                 return _coerce(value, alternative, key)
+            except NotFinite:
+                raise  # a number, but NaN or infinite: that is the problem, whatever the other alternatives
             except ConfigError:
                 pass
         names = " or ".join(repr(a) if not isinstance(a, type) else a.__name__
@@ -882,7 +888,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if number is not None:
             if not math.isfinite(number):  # NaN or +-inf: no float key of a run means anything by them
                 hint = " (for an IID split write partition.kind: iid)" if key == "partition.alpha" else ""
-                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}{hint}")
+                raise NotFinite(f"config key '{key}' must be a finite number, got {value!r}{hint}")
             return number
     elif tp is str:
         if isinstance(value, str):
