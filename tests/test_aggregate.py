@@ -370,7 +370,9 @@ def test_fedavg_averages_everything_sample_weighted():
     assert set(assigned.values()) == {0}
     assert_state_close(strat.slots_[0], expected_mean(subs))
     assert_state_close(strat.start_state(subs[0].client, "a0"), expected_mean(subs))
-    assert strat.start_state(12345, "a0") is initial
+    # a client that has not taken part yet (sampled later, or dropped) starts from the global adapter, w^t
+    assert strat.start_state(12345, "a0") is strat.slots_[0]
+    assert not torch.equal(strat.slots_[0][next(iter(SHAPES))], initial[next(iter(SHAPES))])
 
 
 def test_centralized_slot_is_the_pooled_layouts_slot_of_the_key():

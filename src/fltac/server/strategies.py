@@ -59,9 +59,14 @@ class Strategy:
         self.memory_: list[State] = [{} for _ in range(n_slots)]  # the server optimizer's state, per slot
 
     def start_state(self, client: int, key: str) -> State:
-        """The adapter sent to ``client`` for its adapter ``key``: its last slot, or the initial adapter."""
+        """The adapter sent to ``client`` for its adapter ``key``: its last slot. An adapter the server has not
+        placed yet (its client not sampled before, or dropped) gets the global adapter when there is one slot
+        (FedAvg's w^t), else the initial adapter: with several slots (FL-TAC) which one it belongs to is known
+        only once it has been clustered."""
         slot = self.assignment_.get((client, key))
-        return self.initial if slot is None else self.slots_[slot]
+        if slot is None:
+            return self.slots_[0] if self.n_slots == 1 else self.initial
+        return self.slots_[slot]
 
     def configure(self, round_: int, client: int, key: str) -> Broadcast:
         """What ``client`` receives for its adapter ``key`` in ``round_``; methods add hook settings."""
