@@ -1,6 +1,7 @@
 """The privacy-utility curve of finished runs: a markdown table and a PNG (docs/algorithms.md#differential-privacy).
 
-    python benchmarks/privacy_figure.py results/dp --png docs/img/privacy_utility_text5.png
+    python benchmarks/privacy_figure.py results/dp/local_eps1 results/dp/local_eps4 results/dp/local_eps8 \
+        results/text5_compare_bits --png docs/img/privacy_utility_text5.png
 
 Reads every run folder under the given folders (each one's ``config.json``, ``metrics.jsonl`` and
 ``cluster_assignments.jsonl``) and groups runs by (method, privacy mode, target epsilon), over seeds. Per group:
@@ -35,10 +36,10 @@ def run_point(run: Path) -> dict | None:
     line = next(r for r in records if r["phase"] == "round" and r["round"] == last)
     clusters = [c for c in _jsonl(run / "cluster_assignments.jsonl") if c["round"] == last]
     accs = [r["accuracy"] for r in evals if r["round"] == last]
-    return {"method": cfg["method"], "mode": cfg["privacy"]["mode"], "target": cfg["privacy"]["target_epsilon"],
+    privacy = cfg.get("privacy", {"mode": "none", "target_epsilon": None})  # runs from before DP existed have none
+    return {"method": cfg["method"], "mode": privacy["mode"], "target": privacy["target_epsilon"],
             "seed": cfg["seed"], "accuracy": sum(accs) / len(accs), "round": last, "of": cfg["train"]["rounds"],
-            "clustering": clusters[0]["clustering_accuracy"] if clusters else None, "epsilon": line.get("epsilon"),
-            "threads": cfg["num_threads"]}
+            "clustering": clusters[0]["clustering_accuracy"] if clusters else None, "epsilon": line.get("epsilon")}
 
 
 def spread(values: list[float]) -> str:
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="folders holding run folders")
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--methods", nargs="+", default=["fltac", "fedit"], help="methods kept (default: fltac fedit)")
     args = parser.parse_args(argv)
     points = [p for folder in args.folders for run in sorted(folder.iterdir()) if run.is_dir()
-              for p in [run_point(run)] if p is not None]
+              for p in [run_point(run)] if p is not None and p["method"] in args.methods]
     table = groups(points)
     print("| method | DP | target epsilon | round | epsilon spent | seeds | mean accuracy | clustering accuracy |")
     print("|---|---|---|---|---|---|---|---|")
