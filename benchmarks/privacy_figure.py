@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         fig, (ax_acc, ax_clu) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
         targets = sorted({t for (_, mode, t) in table if mode != "none"})
         none_x = (max(targets) * 2) if targets else 1.0  # "no DP" drawn right of the largest epsilon
+        colour = {m: f"C{i}" for i, m in enumerate(sorted({m for (m, _, _) in table}))}  # one per method, both panels
         for (method, mode) in sorted({(m, mode) for (m, mode, _) in table if mode != "none"}):
             xs = sorted(t for (m, md, t) in table if m == method and md == mode)
             rows = [table[(method, mode, t)] for t in xs]
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 means = [statistics.fmean(v) for v in vals]
                 errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=f"{method} ({mode} DP)")
+                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=f"{method} ({mode} DP)",
+                            color=colour[method])
         for ax, what in ((ax_acc, "served mean test accuracy"), (ax_clu, "clustering accuracy (last round)")):
             ax.set_xscale("log")
             ax.set_xticks(targets + [none_x], [f"{t:g}" for t in targets] + ["no DP"])
