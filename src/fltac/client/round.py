@@ -36,6 +36,12 @@ class ClientResult:
     failed: bool = False
 
 
+def dropped_result(r: int, client: int, cjobs: list, kind: str, reason: str) -> ClientResult:
+    """A client lost for round ``r`` before anything of it arrived: one 'dropped' line per adapter it had."""
+    return ClientResult([{"phase": "dropped", "round": r, "client": client, "key": j.key, "kind": kind,
+                          "reason": reason} for j in cjobs], failed=True)
+
+
 class _NoBar:
     def step(self, n: int = 1, note: str = "") -> None:
         pass

@@ -55,7 +55,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fltac.client.round import ClientResult, train_client
+from fltac.client.round import ClientResult, dropped_result, train_client
 from fltac.config import RunConfig, from_dict, load_config
 from fltac.engines.flower_secagg import SecAggTransport, is_secagg, secagg_train, secagg_when_asked
 from fltac.engines.inprocess import Delivery, InProcessEngine, RunError
@@ -243,8 +243,7 @@ class FlowerTransport:
                     last = rep.error.reason.strip().splitlines()[-1] if rep.error.reason else ""
                     kind, reason = "crash", f"crash: flower error {rep.error.code}: {last}"
                 bar.step(sum(j.steps for j in cjobs), note=f"client {client} dropped")
-                results[client] = ClientResult([{"phase": "dropped", "round": r, "client": client, "key": j.key,
-                                                 "kind": kind, "reason": reason} for j in cjobs], failed=True)
+                results[client] = dropped_result(r, client, cjobs, kind, reason)
                 continue
             results[client], wire = decode_result(rep.content)
             up += wire

@@ -59,7 +59,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from fltac.client.round import ClientResult, train_client
+from fltac.client.round import ClientResult, dropped_result, train_client
 from fltac.config import RunConfig
 from fltac.engines.inprocess import Delivery, RunError
 from fltac.wire import Broadcast, Mean
@@ -218,8 +218,7 @@ class SecAggTransport:
                 kind, reason = ("crash", f"crash: {why}") if why else (
                     "timeout", f"timeout: no masked vector from node {node}"
                     + (f" within {self.limit:g} s" if self.limit is not None else ""))
-                results[client] = ClientResult([{"phase": "dropped", "round": round_, "client": client,
-                                                  "key": job.key, "kind": kind, "reason": reason}], failed=True)
+                results[client] = dropped_result(round_, client, cjobs, kind, reason)
                 bar.step(job.steps, note=f"client {client} dropped")
                 continue
             results[client] = ClientResult(json.loads(str(res.metrics["records"])), [], int(res.metrics["tokens"]))
